@@ -1,0 +1,5 @@
+import sys
+
+from samadapt.cli import main
+
+sys.exit(main())

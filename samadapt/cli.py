@@ -1,0 +1,123 @@
+"""The ``samadapt`` command: one entry point, one subcommand per stage.
+
+Stage commands take ``--config FILE.yaml`` plus dotted ``key=value`` overrides; ``samadapt <cmd> --help``
+lists every key with its default. User mistakes (``UserError``) print as one line and exit 2; with
+``--debug`` they keep their traceback. Works unchanged under ``accelerate launch`` (``python -m samadapt``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import importlib
+import sys
+from typing import Callable, Sequence
+
+from samadapt.errors import UserError, one_line
+
+# name → (config class, run function, one-line summary). Imported lazily: `--help` stays fast and a
+# stage's heavy imports (torch, monai) happen only when it runs.
+STAGES: dict[str, tuple[str, str, str]] = {
+    "pretrain": ("samadapt.pretrain.config:PretrainConfig", "samadapt.pretrain.stage:run",
+                 "MAE-style self-supervised training of SAM's image encoder on unlabeled slices"),
+    "finetune": ("samadapt.finetune.config:FinetuneConfig", "samadapt.finetune.stage:run",
+                 "fine-tune SAM on labeled volumes (encoder/decoder x frozen/full/lora/adapter)"),
+    "evaluate": ("samadapt.evaluate.config:EvaluateConfig", "samadapt.evaluate.stage:run",
+                 "segment a manifest's cases and score Dice / IoU / NSD / HD95 per case and class"),
+    "predict": ("samadapt.evaluate.config:PredictConfig", "samadapt.evaluate.predict:run",
+                "segment volumes and write masks with the input's geometry"),
+}
+# Command groups that register their own sub-parsers: module with add_parser(subparsers).
+GROUPS = ("samadapt.data.commands", "samadapt.models.commands", "samadapt.pipelines.commands",
+          "samadapt.evaluate.commands")
+# Errors of the environment a user can fix (disk full, read-only output, permissions).
+USER_OS_ERRORS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT, errno.ENOENT}
+
+
+def _load(spec: str) -> object:
+    module, _, attr = spec.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def _stage_handler(name: str) -> Callable[[argparse.Namespace], int]:
+    def handler(args: argparse.Namespace) -> int:
+        from samadapt.config import parse_config
+
+        config_spec, run_spec, _ = STAGES[name]
+        try:
+            config_cls, run = _load(config_spec), _load(run_spec)
+        except ModuleNotFoundError as exc:
+            if not (exc.name or "").startswith("samadapt."):
+                raise
+            raise UserError(f"samadapt {name} is not built yet in this version") from None
+        result = run(parse_config(config_cls, args.config, args.overrides))
+        return 0 if result is None or getattr(result, "ok", True) else 1
+    return handler
+
+
+def _stage_epilog(name: str) -> str:
+    from samadapt.config import describe
+
+    try:
+        config_cls = _load(STAGES[name][0])
+    except ModuleNotFoundError:
+        return "This stage is not built yet."
+    return "keys (key=default):\n" + describe(config_cls)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="samadapt", description="Domain-adapt Segment Anything to MRI/CT: pretrain → finetune → evaluate.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors too")
+    parser.add_argument("--version", action="version", version=_version())
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (_, _, summary) in STAGES.items():
+        sub = subparsers.add_parser(name, help=summary, description=summary,
+                                    epilog=_stage_epilog(name),
+                                    formatter_class=argparse.RawDescriptionHelpFormatter)
+        sub.add_argument("--config", metavar="FILE.yaml", help="YAML file with keys (overrides win)")
+        sub.add_argument("overrides", nargs="*", metavar="key=value", help="config keys, see below")
+        sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        sub.set_defaults(func=_stage_handler(name))
+    for module in GROUPS:
+        try:
+            add_parser = importlib.import_module(module).add_parser
+        except ModuleNotFoundError as exc:
+            if exc.name != module:  # a missing dependency inside the module is a real bug
+                raise
+            continue
+        add_parser(subparsers)
+    return parser
+
+
+def _version() -> str:
+    from samadapt import __version__
+
+    return f"samadapt {__version__}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as exc:
+        if args.debug:
+            raise
+        print(f"error: {one_line(exc)}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if args.debug or exc.errno not in USER_OS_ERRORS:
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {where}{exc.strerror}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted — rerun the same command to resume from the last saved state", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,219 @@
+"""One config system for every command: dataclasses + optional YAML + dotted ``key=value`` overrides.
+
+A stage declares its keys as a dataclass (nested dataclasses give dotted keys such as ``lora.rank``);
+each field's ``metadata["help"]`` is what ``samadapt <cmd> --help`` prints. Values are converted to the
+field's type and checked: an unknown key is an error with a "did you mean" hint, a wrong type names the
+key and the value, a ``Literal`` field lists its choices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from samadapt.errors import UserError
+
+T = TypeVar("T")
+_NONE_WORDS = {"none", "null", "~", ""}
+_TRUE_WORDS = {"true", "yes", "on", "1"}
+_FALSE_WORDS = {"false", "no", "off", "0"}
+
+
+def required(help: str) -> Any:
+    """A field without default: the user must give it (``data=``, ``out=`` ...)."""
+    return dataclasses.field(metadata={"help": help, "required": True})
+
+
+def key(default: Any, help: str) -> Any:
+    """A field with an immutable default and a one-line help text."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+def group(cls: type, help: str) -> Any:
+    """A nested group of keys (``lora.rank``) with the group's own defaults."""
+    return dataclasses.field(default_factory=cls, metadata={"help": help})
+
+
+def parse_config(cls: type[T], config_file: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> T:
+    """Build ``cls`` from an optional YAML file and ``key=value`` overrides (overrides win)."""
+    values: dict[str, Any] = {}
+    if config_file:
+        values.update(_flatten(read_yaml(config_file), source=str(config_file)))
+    values.update(parse_overrides(overrides))
+    return build(cls, values)
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping with ``safe_load``; a missing file or a non-mapping is a UserError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise UserError(f"{path}: not valid YAML{where} ({getattr(exc, 'problem', exc)})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping of keys to values, got {type(data).__name__}")
+    return data
+
+
+def parse_overrides(overrides: typing.Sequence[str]) -> dict[str, str]:
+    """``["lora.rank=4", "arch=vit_b"]`` → ``{"lora.rank": "4", "arch": "vit_b"}``."""
+    parsed: dict[str, str] = {}
+    for item in overrides:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise UserError(f"{item!r}: expected key=value (e.g. arch=vit_b)")
+        parsed[name.strip()] = value
+    return parsed
+
+
+def build(cls: type[T], flat: dict[str, Any]) -> T:
+    """Instantiate ``cls`` from a flat ``{"dotted.key": value}`` mapping, validating every key."""
+    known = {name for name, _ in iter_keys(cls)}
+    for name in flat:
+        if name not in known:
+            hint = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
+            did_you_mean = f" — did you mean {hint[0]}=?" if hint else ""
+            raise UserError(f"unknown key {name!r}{did_you_mean} (see --help for all keys)")
+    return _build(cls, flat, prefix="")
+
+
+def _build(cls: type, flat: dict[str, Any], prefix: str) -> Any:
+    hints = get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for field in dataclasses.fields(cls):
+        dotted = prefix + field.name
+        kind = hints[field.name]
+        if dataclasses.is_dataclass(kind):
+            kwargs[field.name] = _build(kind, flat, dotted + ".")
+        elif dotted in flat:
+            kwargs[field.name] = convert(dotted, flat[dotted], kind)
+        elif field.metadata.get("required"):
+            raise UserError(f"missing required key {dotted}= ({field.metadata.get('help', '')})")
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as exc:  # __post_init__ checks of the stage config
+        raise UserError(str(exc)) from None
+
+
+def convert(name: str, value: Any, kind: Any) -> Any:
+    """Convert a YAML value or CLI string to ``kind`` (int, float, bool, str, Path, Optional, Literal)."""
+    origin = get_origin(kind)
+    if origin in (Union, types.UnionType):
+        options = [a for a in get_args(kind) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.strip().lower() in _NONE_WORDS):
+            return None
+        errors = []
+        for option in options:
+            try:
+                return convert(name, value, option)
+            except UserError as exc:
+                errors.append(str(exc))
+        raise UserError(errors[0] if len(errors) == 1 else f"{name}={value!r}: not a valid value")
+    if origin is Literal:
+        choices = get_args(kind)
+        text = str(value).strip() if not isinstance(value, bool) else value
+        if text in choices:
+            return text
+        hint = difflib.get_close_matches(str(text), [str(c) for c in choices], n=1)
+        extra = f" — did you mean {hint[0]}?" if hint else ""
+        raise UserError(f"{name}={value!r}: must be one of {', '.join(map(str, choices))}{extra}")
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in _TRUE_WORDS | _FALSE_WORDS:
+            return text in _TRUE_WORDS
+        raise UserError(f"{name}={value!r}: expected true or false")
+    if kind in (int, float):
+        if isinstance(value, bool) or (kind is int and isinstance(value, float) and not value.is_integer()):
+            raise UserError(f"{name}={value!r}: expected {'an integer' if kind is int else 'a number'}")
+        try:
+            return kind(str(value).strip()) if isinstance(value, str) else kind(value)
+        except ValueError:
+            raise UserError(f"{name}={value!r}: expected {'an integer' if kind is int else 'a number'}") from None
+    if kind is str:
+        if isinstance(value, (dict, list)):
+            raise UserError(f"{name}: expected a single value, got a {type(value).__name__}")
+        return str(value)
+    if kind is Path:
+        return Path(str(value)).expanduser()
+    raise TypeError(f"config field {name} has unsupported type {kind!r}")  # a bug in a stage config
+
+
+def iter_keys(cls: type, prefix: str = "") -> typing.Iterator[tuple[str, dataclasses.Field]]:
+    """Every leaf key of ``cls`` as (dotted name, field)."""
+    hints = get_type_hints(cls)
+    for field in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[field.name]):
+            yield from iter_keys(hints[field.name], prefix + field.name + ".")
+        else:
+            yield prefix + field.name, field
+
+
+def describe(cls: type) -> str:
+    """The key table ``--help`` prints: name, default (or REQUIRED), help."""
+    defaults = _defaults(cls)
+    lines = []
+    for name, field in iter_keys(cls):
+        default = "REQUIRED" if field.metadata.get("required") else _show(defaults.get(name))
+        lines.append(f"  {name}={default}\n      {field.metadata.get('help', '')}")
+    return "\n".join(lines)
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """A config as plain JSON-able nested dict (Paths as strings)."""
+    def plain(value: Any) -> Any:
+        if isinstance(value, Path):
+            return str(value)
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        return value
+
+    return plain(dataclasses.asdict(config))
+
+
+def _defaults(cls: type, prefix: str = "") -> dict[str, Any]:
+    hints = get_type_hints(cls)
+    out: dict[str, Any] = {}
+    for field in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[field.name]):
+            out.update(_defaults(hints[field.name], prefix + field.name + "."))
+        elif field.default is not dataclasses.MISSING:
+            out[prefix + field.name] = field.default
+        elif field.default_factory is not dataclasses.MISSING:
+            out[prefix + field.name] = field.default_factory()
+    return out
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
+def _flatten(data: dict[str, Any], source: str, prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for name, value in data.items():
+        if not isinstance(name, str):
+            raise UserError(f"{source}: key {name!r} must be a string")
+        if isinstance(value, dict):
+            flat.update(_flatten(value, source, prefix + name + "."))
+        else:
+            flat[prefix + name] = value
+    return flat

@@ -1,0 +1,97 @@
+"""One registry of SAM builders, in the spirit of segment_anything's ``sam_model_registry``.
+
+Every arch is built from upstream modules only (segment_anything's ``ImageEncoderViT``, ``PromptEncoder``,
+``MaskDecoder``, ``Sam``; mobile_sam's ``TinyViT`` for ``vit_t``), so weights keep the official key layout.
+``image_size`` other than the arch's native size changes only shapes that depend on it (``pos_embed``,
+rel-pos tables of global blocks, the prompt encoder's embedding grid); checkpoints are converted by
+:mod:`samadapt.models.checkpoints`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+
+from samadapt.errors import UserError
+
+PATCH_SIZE = 16
+PROMPT_EMBED_DIM = 256
+
+
+@dataclass(frozen=True)
+class ViTSpec:
+    """Hyper-parameters of a plain-ViT SAM image encoder."""
+
+    embed_dim: int
+    depth: int
+    num_heads: int
+    global_attn_indexes: tuple[int, ...]
+    window_size: int = 14
+    native_image_size: int = 1024
+
+
+VIT_SPECS: dict[str, ViTSpec] = {
+    "vit_b": ViTSpec(768, 12, 12, (2, 5, 8, 11)),
+    "vit_l": ViTSpec(1024, 24, 16, (5, 11, 17, 23)),
+    "vit_h": ViTSpec(1280, 32, 16, (7, 15, 23, 31)),
+    # A small SAM for tests and the CPU demo: same classes, ~1/30 of vit_b's encoder compute.
+    "vit_tiny": ViTSpec(192, 4, 3, (1, 3), window_size=8, native_image_size=256),
+}
+ARCHS: tuple[str, ...] = ("vit_b", "vit_l", "vit_h", "vit_t", "vit_tiny")
+
+
+def native_image_size(arch: str) -> int:
+    """The input size at which official weights of ``arch`` are stored (1024 except ``vit_tiny``)."""
+    check_arch(arch)
+    return VIT_SPECS[arch].native_image_size if arch in VIT_SPECS else 1024
+
+
+def check_arch(arch: str) -> None:
+    if arch not in ARCHS:
+        raise UserError(f"arch={arch!r} is not known — choose one of {', '.join(ARCHS)}")
+
+
+def build_image_encoder(arch: str, image_size: int) -> torch.nn.Module:
+    """Image encoder of ``arch`` for ``image_size`` px inputs: B x 3 x S x S → B x 256 x S/16 x S/16."""
+    check_arch(arch)
+    if image_size % PATCH_SIZE or image_size < 64:
+        raise UserError(f"image_size={image_size} must be a multiple of {PATCH_SIZE} and at least 64")
+    if arch == "vit_t":
+        from mobile_sam.modeling.tiny_vit_sam import TinyViT
+
+        return TinyViT(
+            img_size=image_size, in_chans=3, num_classes=1000, embed_dims=[64, 128, 160, 320],
+            depths=[2, 2, 6, 2], num_heads=[2, 4, 5, 10], window_sizes=[7, 7, 14, 7], mlp_ratio=4.0,
+            drop_rate=0.0, drop_path_rate=0.0, use_checkpoint=False, mbconv_expand_ratio=4.0,
+            local_conv_size=3, layer_lr_decay=0.8,
+        )
+    spec = VIT_SPECS[arch]
+    return ImageEncoderViT(
+        depth=spec.depth, embed_dim=spec.embed_dim, img_size=image_size, mlp_ratio=4,
+        norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), num_heads=spec.num_heads, patch_size=PATCH_SIZE,
+        qkv_bias=True, use_rel_pos=True, global_attn_indexes=spec.global_attn_indexes,
+        window_size=spec.window_size, out_chans=PROMPT_EMBED_DIM,
+    )
+
+
+def build_sam(arch: str, image_size: int | None = None) -> Sam:
+    """A randomly initialised ``Sam`` of ``arch`` taking ``image_size`` px inputs (default: native)."""
+    image_size = image_size or native_image_size(arch)
+    grid = image_size // PATCH_SIZE
+    return Sam(
+        image_encoder=build_image_encoder(arch, image_size),
+        prompt_encoder=PromptEncoder(
+            embed_dim=PROMPT_EMBED_DIM, image_embedding_size=(grid, grid),
+            input_image_size=(image_size, image_size), mask_in_chans=16,
+        ),
+        mask_decoder=MaskDecoder(
+            num_multimask_outputs=3,
+            transformer=TwoWayTransformer(depth=2, embedding_dim=PROMPT_EMBED_DIM, mlp_dim=2048, num_heads=8),
+            transformer_dim=PROMPT_EMBED_DIM, iou_head_depth=3, iou_head_hidden_dim=256,
+        ),
+        pixel_mean=[123.675, 116.28, 103.53],
+        pixel_std=[58.395, 57.12, 57.375],
+    )

@@ -1,0 +1,151 @@
+"""Run folders: atomic writes, content hashes and the ``stage_output.json`` contract.
+
+Every artifact is written to a temporary name in its final folder and renamed into place, so an
+interrupted run leaves either the previous complete file or none. ``stage_output.json`` is written
+last: a stage folder without it is incomplete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from samadapt.errors import UserError
+
+STAGE_OUTPUT = "stage_output.json"
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success rename it to ``path``, else delete it.
+
+    Use for writers that take a file name (torch.save, nibabel, SimpleITK, safetensors)."""
+    path = Path(path)
+    ensure_writable_dir(path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + "".join(path.suffixes), dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Atomically write ``text`` to ``path``."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Atomically write ``obj`` as indented JSON (NaN written as null, so any JSON reader copes)."""
+    return write_text(path, json.dumps(_nan_to_none(obj), indent=2, sort_keys=False) + "\n")
+
+
+def _nan_to_none(obj: Any) -> Any:
+    if isinstance(obj, float) and obj != obj:
+        return None
+    if isinstance(obj, dict):
+        return {k: _nan_to_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_nan_to_none(v) for v in obj]
+    return obj
+
+
+def ensure_writable_dir(path: str | os.PathLike) -> Path:
+    """Create ``path`` (and parents) or raise a one-line UserError saying why it cannot be used."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"{path}: cannot create output folder ({exc.strerror})") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UserError(f"{path}: output folder is not writable — choose another out=")
+    return path
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes; for a folder, of its files' relative names and contents."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        if path.is_dir():
+            digest.update(str(file.relative_to(path)).encode())
+        with open(file, "rb") as handle:
+            while block := handle.read(chunk):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def versions() -> dict[str, str]:
+    """Versions that decide whether a result can be reproduced."""
+    import torch
+
+    import samadapt
+
+    return {"samadapt": samadapt.__version__, "torch": torch.__version__, "python": platform.python_version()}
+
+
+def write_stage_output(out_dir: str | os.PathLike, record: dict[str, Any]) -> Path:
+    """Write ``out_dir/stage_output.json`` last and atomically; ``versions`` are added."""
+    return write_json(Path(out_dir) / STAGE_OUTPUT, {**record, "versions": versions()})
+
+
+def read_stage_output(stage_dir: str | os.PathLike) -> dict[str, Any]:
+    """Read a finished stage's record, or raise a UserError naming what is missing."""
+    path = Path(stage_dir) / STAGE_OUTPUT
+    if not path.is_file():
+        raise UserError(f"{stage_dir}: no {STAGE_OUTPUT} — the stage did not finish (rerun it to resume)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+
+
+@dataclass
+class StageOutput:
+    """What a stage's ``run(config)`` returns: the record also written as ``stage_output.json``."""
+
+    stage: str
+    out_dir: Path
+    artifacts: dict[str, str]
+    metrics: dict[str, Any]
+    ok: bool = True
+
+
+def begin_stage(out_dir: str | os.PathLike) -> float:
+    """Make ``out_dir`` usable and mark it incomplete (drop an old record); returns the start time."""
+    out = ensure_writable_dir(out_dir)
+    (out / STAGE_OUTPUT).unlink(missing_ok=True)
+    return time.time()
+
+
+def input_record(**paths: str | os.PathLike | None) -> dict[str, dict[str, str] | None]:
+    """``{name: {"path", "sha256"}}`` of a stage's input files/folders (None stays None)."""
+    return {name: None if p is None else {"path": str(p), "sha256": sha256_file(p)} for name, p in paths.items()}
+
+
+def finish_stage(stage: str, config: Any, inputs: dict[str, Any], artifacts: dict[str, str | os.PathLike],
+                 metrics: dict[str, Any], started: float) -> StageOutput:
+    """Write ``stage_output.json`` (config, input hashes, artifacts relative to out, metrics, wall time)."""
+    from samadapt.config import to_dict
+
+    out = Path(config.out)
+    relative = {name: os.path.relpath(path, out) for name, path in artifacts.items()}
+    write_stage_output(out, {
+        "stage": stage, "config": to_dict(config), "inputs": inputs, "artifacts": relative,
+        "metrics": metrics, "wall_time_s": round(time.time() - started, 2),
+    })
+    return StageOutput(stage=stage, out_dir=out, artifacts=relative, metrics=metrics)

@@ -1,0 +1,261 @@
+"""The one training loop both training stages use (pretrain and finetune differ in model and loss only).
+
+It steps, logs, checkpoints, resumes and runs multi-process through Hugging Face Accelerate:
+- one *step* = one optimiser update = ``grad_accumulation`` micro-batches per process;
+- the data order is a pure function of (seed, epoch) and the learning rate a pure function of the step,
+  so a training state only needs the step number besides what ``accelerator.save_state`` stores
+  (weights, optimiser, RNG states): resuming a killed run replays exactly the same batches;
+- ``out/state/step_<N>/`` is written to a temporary folder and renamed, so a state folder that exists is
+  complete; the newest one is resumed from when the same command runs again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm.auto import tqdm
+
+from samadapt.errors import UserError
+from samadapt.keys import TrainKeys
+from samadapt.runs import write_text
+
+STATE_DIR = "state"
+PROGRESS_FILE = "progress.json"
+LossFn = Callable[[torch.nn.Module, Any], "tuple[torch.Tensor, dict[str, float]]"]
+
+
+def make_accelerator(keys: TrainKeys) -> Accelerator:
+    """An Accelerator for this machine: GPU if there is one, CPU (gloo for several processes) otherwise.
+
+    Frozen parts and prompt-dependent branches leave parameters unused in some steps, hence
+    ``find_unused_parameters``. Threads are capped so processes sharing the cores do not oversubscribe
+    them (measured: 2 processes x 2 threads on 2 cores ran ~10x slower)."""
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),
+        mixed_precision=keys.mixed_precision,
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
+    if accelerator.device.type == "cpu":
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        torch.set_num_threads(max(1, cores // accelerator.state.num_processes))
+    set_seed(keys.seed)
+    return accelerator
+
+
+class EpochSampler(Sampler[int]):
+    """Indices in an order fixed by (seed, epoch): a permutation, or weighted draws with replacement."""
+
+    def __init__(self, num_items: int, seed: int, weights: torch.Tensor | None = None):
+        self.num_items, self.seed, self.weights, self.epoch = num_items, seed, weights, 0
+
+    def __len__(self) -> int:
+        return self.num_items
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        if self.weights is None:
+            order = torch.randperm(self.num_items, generator=generator)
+        else:
+            order = torch.multinomial(self.weights, self.num_items, replacement=True, generator=generator)
+        return iter(order.tolist())
+
+
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    """Linear warm-up to 1, then cosine decay to 0 at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float, lr_scale: Callable[[str], float] | None = None):
+    """AdamW groups: no decay for norms, biases and position tables; optional per-parameter lr scale
+    (layer-wise decay). Returns a list of dicts with a ``lr_scale`` entry the loop multiplies in."""
+    groups: dict[tuple[float, float], dict[str, Any]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        no_decay = param.ndim <= 1 or "pos_embed" in name or "rel_pos" in name or "token" in name
+        scale = lr_scale(name) if lr_scale else 1.0
+        bucket = groups.setdefault((0.0 if no_decay else weight_decay, scale),
+                                   {"params": [], "weight_decay": 0.0 if no_decay else weight_decay,
+                                    "lr_scale": scale})
+        bucket["params"].append(param)
+    return list(groups.values())
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    resumed_from: int | None
+    final_loss: float
+    seconds: float
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class Trainer:
+    """Runs ``loss_fn(model, batch)`` for ``keys.steps`` optimiser steps with checkpoint/resume."""
+
+    def __init__(self, accelerator: Accelerator, keys: TrainKeys, out_dir: str | os.PathLike):
+        self.accelerator, self.keys, self.out_dir = accelerator, keys, Path(out_dir)
+        self.state_root = self.out_dir / STATE_DIR
+
+    # ---------------------------------------------------------------- states
+    def saved_states(self) -> list[Path]:
+        """Complete training states (renamed into place), oldest first."""
+        if not self.state_root.is_dir():
+            return []
+        states = [p for p in self.state_root.glob("step_*") if (p / PROGRESS_FILE).is_file()]
+        return sorted(states, key=lambda p: int(p.name.split("_")[1]))
+
+    def _save_state(self, step: int) -> None:
+        acc = self.accelerator
+        tmp = self.state_root / f".tmp_step_{step}"
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            write_text(tmp / PROGRESS_FILE, json.dumps({"step": step}))
+            final = self.state_root / f"step_{step}"
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            for old in self.saved_states()[: -self.keys.keep_states]:
+                shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()
+
+    def _resume(self) -> int:
+        states = self.saved_states() if self.keys.resume else []
+        if not states:
+            return 0
+        newest = states[-1]
+        self.accelerator.load_state(str(newest))
+        return json.loads((newest / PROGRESS_FILE).read_text())["step"]
+
+    # ---------------------------------------------------------------- data
+    def _batches(self, loader: DataLoader, sampler: EpochSampler, first_micro: int) -> Iterator[Any]:
+        """Micro-batches forever, starting at micro-batch ``first_micro`` of the seeded epoch sequence."""
+        per_epoch = len(loader)
+        epoch, skip = divmod(first_micro, per_epoch)
+        while True:
+            sampler.epoch = epoch
+            dataset = loader.dataset
+            if hasattr(dataset, "set_epoch"):  # per-item augmentation seeds follow the epoch too
+                dataset.set_epoch(epoch)
+            yield from (self.accelerator.skip_first_batches(loader, skip) if skip else loader)
+            epoch, skip = epoch + 1, 0
+
+    # ---------------------------------------------------------------- loop
+    def fit(
+        self,
+        model: torch.nn.Module,
+        dataset: Dataset,
+        loss_fn: LossFn,
+        *,
+        groups: list[dict[str, Any]] | None = None,
+        sample_weights: torch.Tensor | None = None,
+        collate_fn: Callable | None = None,
+        after_step: Callable[[int, torch.nn.Module, dict[str, float]], bool | None] | None = None,
+        desc: str = "train",
+    ) -> TrainResult:
+        """Train ``model`` (unprepared) and return when ``keys.steps`` are done or ``after_step`` says stop.
+
+        ``loss_fn(prepared_model, batch) -> (scalar loss, {name: float})`` runs under autocast.
+        ``after_step(step, prepared_model, logs)`` runs on every process after each step (previews,
+        validation); returning True stops training early. The prepared model stays in ``self.model``."""
+        acc, keys = self.accelerator, self.keys
+        if len(dataset) < keys.batch_size * acc.num_processes:
+            raise UserError(f"only {len(dataset)} training items for batch_size={keys.batch_size} x "
+                            f"{acc.num_processes} processes — lower batch_size or add data")
+        sampler = EpochSampler(len(dataset), keys.seed, sample_weights)
+        loader = DataLoader(dataset, batch_size=keys.batch_size, sampler=sampler, drop_last=True,
+                            num_workers=keys.num_workers, collate_fn=collate_fn,
+                            persistent_workers=False, pin_memory=acc.device.type == "cuda")
+        groups = groups if groups is not None else param_groups(model, keys.weight_decay)
+        optimizer = torch.optim.AdamW(groups, lr=keys.lr)
+        model, optimizer, loader = acc.prepare(model, optimizer, loader)
+        self.model = model
+        start = self._resume()
+        history = self._read_history(start)
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        stream = self._batches(loader, sampler, start * keys.grad_accumulation)
+
+        bar = tqdm(total=keys.steps, initial=start, desc=desc, disable=not acc.is_main_process,
+                   dynamic_ncols=True, mininterval=1.0)
+        model.train()
+        t0, window_start, loss_value, logs = time.perf_counter(), time.perf_counter(), float("nan"), {}
+        images_per_step = keys.batch_size * keys.grad_accumulation * acc.num_processes
+        step = start
+        while step < keys.steps:
+            factor = lr_factor(step, keys.steps, keys.warmup_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = keys.lr * factor * group.get("lr_scale", 1.0)
+            loss_sum = torch.zeros((), device=acc.device)
+            for micro in range(keys.grad_accumulation):
+                batch = next(stream)
+                last = micro == keys.grad_accumulation - 1
+                with (acc.no_sync(model) if not last else contextlib.nullcontext()), acc.autocast():
+                    loss, logs = loss_fn(model, batch)
+                    acc.backward(loss / keys.grad_accumulation)
+                loss_sum += loss.detach()
+            if keys.max_grad_norm:
+                acc.clip_grad_norm_(params, keys.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if step % keys.log_every == 0 or step == keys.steps:
+                loss_value = acc.reduce(loss_sum, reduction="mean").item() / keys.grad_accumulation
+                elapsed = time.perf_counter() - window_start
+                steps_in_window = (step - start) % keys.log_every or keys.log_every
+                row = {"step": step, "loss": round(loss_value, 6), "lr": keys.lr * factor,
+                       "images_per_s": round(images_per_step * steps_in_window / max(elapsed, 1e-9), 3),
+                       **{k: round(float(v), 6) for k, v in logs.items()}}
+                history.append(row)
+                window_start = time.perf_counter()
+                if acc.is_main_process:
+                    self._write_history(history)
+                    bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{row['images_per_s']:.1f}")
+            bar.update(1)
+            if step % keys.save_every == 0 and step < keys.steps:
+                self._save_state(step)
+            if after_step is not None and after_step(step, model, logs):
+                break
+        bar.close()
+        return TrainResult(steps=step, resumed_from=start or None, final_loss=loss_value,
+                           seconds=time.perf_counter() - t0, history=history)
+
+    # ---------------------------------------------------------------- metrics.csv
+    def _read_history(self, start: int) -> list[dict[str, Any]]:
+        """Rows of a previous run up to the resumed step (later rows belong to the lost part)."""
+        path = self.out_dir / "metrics.csv"
+        if not start or not path.is_file():
+            return []
+        with open(path, newline="") as handle:
+            return [row for row in csv.DictReader(handle) if int(row["step"]) <= start]
+
+    def _write_history(self, rows: list[dict[str, Any]]) -> None:
+        names: list[str] = []
+        for row in rows:
+            names += [k for k in row if k not in names]
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=names)
+        writer.writeheader()
+        writer.writerows(rows)
+        write_text(self.out_dir / "metrics.csv", buffer.getvalue())
+

@@ -1,0 +1,81 @@
+"""The config system: YAML + dotted overrides, types, unknown keys, help table."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import pytest
+
+from samadapt.config import describe, group, key, parse_config, required, to_dict
+from samadapt.errors import UserError
+
+
+@dataclass(kw_only=True)
+class Lora:
+    rank: int = key(8, "LoRA rank")
+    alpha: float = key(16.0, "LoRA alpha")
+
+
+@dataclass(kw_only=True)
+class Example:
+    data: str = required("manifest")
+    out: Path = key(Path("runs/x"), "output folder")
+    arch: Literal["vit_b", "vit_tiny"] = key("vit_b", "backbone")
+    checkpoint: str | None = key(None, "weights")
+    spacing: float | None = key(None, "mm")
+    flip: bool = key(True, "flip augmentation")
+    lora: Lora = group(Lora, "LoRA keys")
+
+    def __post_init__(self):
+        if self.lora.rank < 1:
+            raise ValueError(f"lora.rank={self.lora.rank}: must be at least 1")
+
+
+def test_overrides_are_typed_and_nested(tmp_path):
+    cfg = parse_config(Example, None, ["data=m.jsonl", "lora.rank=4", "spacing=1.5", "flip=false",
+                                       "checkpoint=none", "out=~/o"])
+    assert cfg.lora.rank == 4 and isinstance(cfg.lora.rank, int)
+    assert cfg.spacing == 1.5 and cfg.flip is False and cfg.checkpoint is None
+    assert cfg.out == Path("~/o").expanduser()
+    assert to_dict(cfg)["lora"] == {"rank": 4, "alpha": 16.0}
+
+
+def test_yaml_then_overrides_win(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("data: a.jsonl\narch: vit_tiny\nlora:\n  rank: 2\n  alpha: 4\n")
+    cfg = parse_config(Example, path, ["lora.rank=3"])
+    assert (cfg.data, cfg.arch, cfg.lora.rank, cfg.lora.alpha) == ("a.jsonl", "vit_tiny", 3, 4.0)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["data=a", "lora.rnak=2"], "unknown key 'lora.rnak' — did you mean lora.rank=?"),
+    (["data=a", "lora.rank=two"], "lora.rank='two': expected an integer"),
+    (["data=a", "lora.rank=2.5"], "lora.rank='2.5': expected an integer"),
+    (["data=a", "arch=vit_q"], "arch='vit_q': must be one of vit_b, vit_tiny"),
+    (["data=a", "flip=maybe"], "flip='maybe': expected true or false"),
+    (["arch=vit_b"], "missing required key data="),
+    (["data=a", "lora.rank=0"], "lora.rank=0: must be at least 1"),
+    (["data"], "'data': expected key=value"),
+])
+def test_bad_keys_are_one_line_user_errors(overrides, message):
+    with pytest.raises(UserError) as info:
+        parse_config(Example, None, overrides)
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_bad_yaml_names_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("data: [unclosed\n")
+    with pytest.raises(UserError, match="bad.yaml: not valid YAML at line"):
+        parse_config(Example, path, [])
+    with pytest.raises(UserError, match="missing.yaml: config file not found"):
+        parse_config(Example, tmp_path / "missing.yaml", [])
+
+
+def test_describe_lists_every_key_with_default():
+    text = describe(Example)
+    for line in ("data=REQUIRED", "arch=vit_b", "checkpoint=none", "flip=true", "lora.rank=8", "lora.alpha=16.0"):
+        assert line in text
