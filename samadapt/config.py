@@ -166,7 +166,8 @@ def describe(cls: type) -> str:
     """The key table ``--help`` prints: name, default (or REQUIRED), help."""
     defaults = _defaults(cls)
     lines = []
-    for name, field in iter_keys(cls):
+    keys = sorted(iter_keys(cls), key=lambda item: not item[1].metadata.get("required"))  # required first
+    for name, field in keys:
         default = "REQUIRED" if field.metadata.get("required") else _show(defaults.get(name))
         lines.append(f"  {name}={default}\n      {field.metadata.get('help', '')}")
     return "\n".join(lines)

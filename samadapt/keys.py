@@ -6,10 +6,13 @@ Kept free of torch imports so ``--help`` is instant. Stage configs inherit these
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal, get_type_hints
 
 from samadapt.config import key
+from samadapt.data.preprocessing import Preprocessing
+from samadapt.errors import UserError
 
 Arch = Literal["vit_b", "vit_l", "vit_h", "vit_t", "vit_tiny"]
 
@@ -50,13 +53,24 @@ class TrainKeys:
             raise ValueError(f"lr={self.lr}: must be positive")
 
 
-@dataclass(kw_only=True)
-class DataKeys:
-    split: str | None = key(None, "use only manifest rows of this split (train/val/test); none = all rows")
-    plane: Literal["axial", "coronal", "sagittal", "all"] = key(
-        "axial", "slicing plane after reorienting to the canonical orientation (all = every plane, SSL)"
-    )
-    spacing: float | None = key(None, "in-plane pixel size in mm to resample to; none = fit the slice to image_size")
-    window: str | None = key(None, "CT intensity window: soft_tissue, lung, bone, brain or 'W,L'; none = modality default")
-    channel: int | None = key(None, "channel to use from 4D images")
-    cache_dir: str | None = key(None, "slice cache folder; none = $SAMADAPT_CACHE or ~/.cache/samadapt")
+def _preprocessing_fields() -> list[tuple[str, Any, Any]]:
+    """The data layer's Preprocessing fields (minus image_size, a model key) as stage keys: one source."""
+    hints = get_type_hints(Preprocessing)
+    return [(f.name, hints[f.name], dataclasses.field(default=f.default, metadata=f.metadata))
+            for f in dataclasses.fields(Preprocessing) if f.name != "image_size"]
+
+
+DataKeys = dataclasses.make_dataclass("DataKeys", [
+    ("split", str | None, key(None, "use only manifest rows of this split (train/val/test); none = all rows")),
+    ("cache_dir", str | None, key(None, "slice cache folder; none = $SAMADAPT_CACHE or ~/.cache/samadapt")),
+    *_preprocessing_fields(),
+], kw_only=True)
+DataKeys.__doc__ = "Which manifest rows to read and how volumes become slices (see samadapt.data)."
+
+
+def preprocessing(config: Any) -> Preprocessing:
+    """The stage config's :class:`Preprocessing` (its own checks become one-line UserErrors)."""
+    try:
+        return Preprocessing(**{f.name: getattr(config, f.name) for f in dataclasses.fields(Preprocessing)})
+    except ValueError as exc:
+        raise UserError(str(exc)) from None

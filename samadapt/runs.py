@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from typing import Any, Iterator
 from samadapt.errors import UserError
 
 STAGE_OUTPUT = "stage_output.json"
+RUN_CONFIG = "run_config.json"
 
 
 @contextlib.contextmanager
@@ -125,10 +127,22 @@ class StageOutput:
     ok: bool = True
 
 
-def begin_stage(out_dir: str | os.PathLike) -> float:
-    """Make ``out_dir`` usable and mark it incomplete (drop an old record); returns the start time."""
-    out = ensure_writable_dir(out_dir)
+def begin_stage(config: Any) -> float:
+    """Make ``config.out`` usable and mark it incomplete (drop an old record); returns the start time.
+
+    Training states in ``out/state/`` are only resumed by the same config: the config of the run that
+    wrote them is kept in ``out/run_config.json``; a different config discards them."""
+    from samadapt.config import to_dict
+
+    out = ensure_writable_dir(config.out)
     (out / STAGE_OUTPUT).unlink(missing_ok=True)
+    current = to_dict(config)
+    previous_path = out / RUN_CONFIG
+    if previous_path.is_file() and json.loads(previous_path.read_text()) != current:
+        if (out / "state").is_dir():
+            print(f"{out}: config changed since the saved training states — starting over")
+            shutil.rmtree(out / "state", ignore_errors=True)  # other processes may race here
+    write_json(previous_path, current)
     return time.time()
 
 

@@ -3,14 +3,15 @@
 Every arch is built from upstream modules only (segment_anything's ``ImageEncoderViT``, ``PromptEncoder``,
 ``MaskDecoder``, ``Sam``; mobile_sam's ``TinyViT`` for ``vit_t``), so weights keep the official key layout.
 ``image_size`` other than the arch's native size changes only shapes that depend on it (``pos_embed``,
-rel-pos tables of global blocks, the prompt encoder's embedding grid); checkpoints are converted by
-:mod:`samadapt.models.checkpoints`.
+rel-pos tables of global blocks, the prompt encoder's embedding grid); weights are converted between
+sizes by :mod:`samadapt.models.resize` when :mod:`samadapt.models.checkpoints` loads them.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
-from functools import partial
+from functools import cache, partial
 
 import torch
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
@@ -60,9 +61,7 @@ def build_image_encoder(arch: str, image_size: int) -> torch.nn.Module:
     if image_size % PATCH_SIZE or image_size < 64:
         raise UserError(f"image_size={image_size} must be a multiple of {PATCH_SIZE} and at least 64")
     if arch == "vit_t":
-        from mobile_sam.modeling.tiny_vit_sam import TinyViT
-
-        return TinyViT(
+        return _tiny_vit_class()(
             img_size=image_size, in_chans=3, num_classes=1000, embed_dims=[64, 128, 160, 320],
             depths=[2, 2, 6, 2], num_heads=[2, 4, 5, 10], window_sizes=[7, 7, 14, 7], mlp_ratio=4.0,
             drop_rate=0.0, drop_path_rate=0.0, use_checkpoint=False, mbconv_expand_ratio=4.0,
@@ -75,6 +74,33 @@ def build_image_encoder(arch: str, image_size: int) -> torch.nn.Module:
         qkv_bias=True, use_rel_pos=True, global_attn_indexes=spec.global_attn_indexes,
         window_size=spec.window_size, out_chans=PROMPT_EMBED_DIM,
     )
+
+
+@cache
+def _tiny_vit_class() -> type:
+    """mobile_sam's TinyViT, with the output grid taken from the input size instead of a fixed 64 x 64.
+
+    Upstream ``TinyViT.forward_features`` reshapes its tokens with ``view(B, 64, 64, C)``, so it only runs
+    at 1024 px. Nothing else in it depends on the input size (no absolute position embedding; attention
+    biases are per window), so the same weights work at 256/512 px once the reshape uses the real grid.
+    Imported lazily: mobile_sam pulls in timm."""
+    with warnings.catch_warnings():
+        # mobile_sam imports timm's deprecated module paths and re-registers timm model names: noise a
+        # user cannot act on.
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", UserWarning)
+        from mobile_sam.modeling.tiny_vit_sam import TinyViT
+
+    class TinyViTAnySize(TinyViT):
+        def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+            """x: B x 3 x S x S, pixel-normalised → B x 256 x S/16 x S/16."""
+            x = self.patch_embed(x)
+            for layer in self.layers:
+                x = layer(x)
+            grid_h, grid_w = self.layers[-1].input_resolution
+            return self.neck(x.view(x.shape[0], grid_h, grid_w, -1).permute(0, 3, 1, 2))
+
+    return TinyViTAnySize
 
 
 def build_sam(arch: str, image_size: int | None = None) -> Sam:

@@ -1,0 +1,128 @@
+"""Whole-volume inference: slices in batches through a :class:`SamSegmenter`, back to the volume grid.
+
+Used by ``samadapt predict``, ``samadapt evaluate`` and the fine-tune stage's validation, so the three
+see the same preprocessing, padding and plane as training.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from samadapt.data import Case, Preprocessing, VolumeSlices, to_sam_input
+from samadapt.finetune.prompts import prompts_from_labels
+
+
+@dataclass(frozen=True)
+class PromptSettings:
+    """How prompts are derived from the reference labels (prompted modes only)."""
+
+    mode: str = "none"
+    box_jitter: float = 0.0
+    num_points: int = 1
+    num_negative: int = 0
+    seed: int = 0
+
+
+def batch_generator(seed: int, key: str) -> torch.Generator:
+    """A generator fixed by (seed, key): prompts for a batch do not depend on what ran before it."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(key.encode()))
+
+
+@torch.no_grad()
+def predict_slices(model, slices: VolumeSlices, batch_size: int, prompts: PromptSettings,
+                   device: torch.device | str = "cpu", probabilities: bool = False) -> np.ndarray:
+    """Run ``model`` (a SamSegmenter, possibly peft-wrapped) over every slice of ``slices``.
+
+    Returns uint8 labels N x S x S, or with ``probabilities`` float16 N x K x S x S class probabilities.
+    Prompted modes derive prompts from ``slices``' reference labels (evaluation only)."""
+    was_training = model.training
+    model.eval()
+    outputs = []
+    for start, images, labels in slices.chunks(batch_size):
+        x = to_sam_input(torch.from_numpy(images)[:, None].to(device))
+        batch_prompts = None
+        if prompts.mode != "none":
+            if labels is None:
+                raise ValueError("prompted inference needs reference labels to derive prompts from")
+            rng = batch_generator(prompts.seed, f"{slices.image_path}:{start}")
+            batch_prompts = prompts_from_labels(prompts.mode, torch.from_numpy(labels), model.num_classes, rng,
+                                                box_jitter=prompts.box_jitter, num_positive=prompts.num_points,
+                                                num_negative=prompts.num_negative).to(device)
+        logits = model(x, batch_prompts)
+        present = None if batch_prompts is None else batch_prompts.present
+        if probabilities:
+            outputs.append(model.probabilities(logits, present).to(torch.float16).cpu())
+        else:
+            outputs.append(model.predict_labels(logits, present).to(torch.uint8).cpu())
+    model.train(was_training)
+    return torch.cat(outputs).numpy()
+
+
+def predict_case(model, case: Case, prep: Preprocessing, batch_size: int, prompts: PromptSettings,
+                 device: torch.device | str = "cpu", num_classes: int | None = None,
+                 with_label: bool = True) -> tuple[np.ndarray, VolumeSlices]:
+    """Predicted labels of ``case`` on its original voxel grid (z, y, x), and its VolumeSlices."""
+    slices = VolumeSlices(case.image, prep, case.modality, label=case.label if with_label else None,
+                          num_classes=num_classes)
+    return slices.to_volume(predict_slices(model, slices, batch_size, prompts, device)), slices
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for inference with everything needed to feed it like in training."""
+
+    model: torch.nn.Module
+    prep: Preprocessing
+    num_classes: int
+    prompt: str
+    train_modalities: list[str]
+
+
+def load_model(config, prompt: str | None = None) -> LoadedModel:
+    """``config.model`` is a finetune output folder (everything from its stage_output.json) or a plain
+    SAM checkpoint (zero-shot: needs box/point prompts; arch, image_size, preprocessing from config)."""
+    from pathlib import Path
+
+    from samadapt.errors import UserError
+    from samadapt.finetune.loading import load_finetune_output, preprocessing_of
+    from samadapt.finetune.segmenter import SamSegmenter
+    from samadapt.keys import preprocessing
+    from samadapt.models.checkpoints import load_sam
+
+    path = Path(config.model)
+    if path.is_dir():
+        model, record = load_finetune_output(path)
+        trained = record["config"]
+        chosen = prompt or trained["prompt"]
+        if (chosen == "none") != (trained["prompt"] == "none"):
+            raise UserError(f"prompt={chosen} but {path} was trained with prompt={trained['prompt']} — "
+                            "automatic (none) and prompted (box/point) models are different heads")
+        model.prompt = chosen
+        modalities = record["metrics"].get("train_modalities", [])
+        return LoadedModel(model, preprocessing_of(trained), trained["num_classes"], chosen, modalities)
+    if not path.is_file():
+        raise UserError(f"{path}: model not found — pass a finetune output folder or a SAM checkpoint")
+    if prompt in (None, "none"):
+        raise UserError(f"{path}: a plain SAM checkpoint segments only with prompts — set prompt=box or prompt=point")
+    if config.num_classes is None:
+        raise UserError(f"{path}: a plain SAM checkpoint needs num_classes= (classes incl. background)")
+    sam = load_sam(config.arch, path, image_size=config.image_size)
+    model = SamSegmenter(sam, config.num_classes, prompt).eval()
+    return LoadedModel(model, preprocessing(config), config.num_classes, prompt, [])
+
+
+def output_name(image: str | os.PathLike, case_id: str | None = None) -> str:
+    """Prediction file name in the input's format (DICOM series and unknown formats → NIfTI)."""
+    from pathlib import Path
+
+    image = Path(image)
+    for suffix in (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd"):
+        if image.name.endswith(suffix):
+            stem = case_id or image.name[: -len(suffix)]
+            return stem + (".mha" if suffix == ".mhd" else suffix)
+    return (case_id or image.name) + ".nii.gz"

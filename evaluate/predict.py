@@ -1,0 +1,67 @@
+"""``samadapt predict``: segment volumes and write label maps with exactly the input's geometry.
+
+``input`` is an image file, a folder (image files and DICOM series sub-folders) or a manifest. Each
+output is named after the input (the case id for manifests) in the input's format (DICOM → NIfTI);
+``save_probabilities=true`` adds ``<name>_probabilities.nii.gz`` (4D, one volume per class).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from accelerate import PartialState
+from tqdm.auto import tqdm
+
+from samadapt.data import VolumeSlices
+from samadapt.data.manifest import load_manifest
+from samadapt.data.readers import WRITABLE_SUFFIXES
+from samadapt.errors import UserError
+from samadapt.evaluate.config import PredictConfig
+from samadapt.evaluate.inference import PromptSettings, load_model, output_name, predict_slices
+from samadapt.runs import ensure_writable_dir
+
+MANIFEST_SUFFIXES = (".jsonl", ".csv")
+IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".mha", ".mhd")
+
+
+def list_inputs(spec: str, modality: str | None, default_modality: str) -> list[tuple[str, Path, str]]:
+    """``(name, image path, modality)`` for every volume ``spec`` names."""
+    path = Path(spec)
+    if not path.exists():
+        raise UserError(f"{path}: input not found")
+    if path.is_file() and path.name.endswith(MANIFEST_SUFFIXES):
+        return [(c.id, c.image, modality or c.modality) for c in load_manifest(path)]
+    if path.is_file():
+        return [(output_name(path), path, modality or default_modality)]
+    found = sorted(p for p in path.iterdir() if p.name.endswith(IMAGE_SUFFIXES) or (p.is_dir() and any(p.iterdir())))
+    if not found:
+        raise UserError(f"{path}: no images (*.nii.gz, *.nrrd, *.mha) or DICOM series folders inside")
+    return [(output_name(p), p, modality or default_modality) for p in found]
+
+
+def run(config: PredictConfig) -> list[Path]:
+    state = PartialState()
+    out = ensure_writable_dir(config.out)
+    loaded = load_model(config, None)
+    if loaded.prompt != "none":
+        raise UserError(f"{config.model}: trained with prompt={loaded.prompt}; predict has no reference labels to "
+                        "derive prompts from — use a model fine-tuned with prompt=none")
+    default_modality = loaded.train_modalities[0] if loaded.train_modalities else "MR"
+    inputs = list_inputs(config.input, config.modality, default_modality)
+    model = loaded.model.to(state.device)
+    settings = PromptSettings("none")
+    written = []
+    with state.split_between_processes(inputs) as mine:
+        for name, image, modality in tqdm(mine, desc="predict", unit="volume", disable=not state.is_main_process):
+            slices = VolumeSlices(image, loaded.prep, modality)
+            target = out / (name if name.endswith(WRITABLE_SUFFIXES) else name + ".nii.gz")
+            if config.save_probabilities:
+                scores = predict_slices(model, slices, config.batch_size, settings, state.device, probabilities=True)
+                slices.save_probabilities(scores, out / f"{name.split('.')[0]}_probabilities.nii.gz")
+                labels = slices.to_volume(scores)
+            else:
+                labels = slices.to_volume(predict_slices(model, slices, config.batch_size, settings, state.device))
+            written.append(slices.write(labels, target))
+    if state.is_main_process:
+        print(f"predict: wrote {len(written)} mask(s) to {out}")
+    return written

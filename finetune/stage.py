@@ -1,0 +1,199 @@
+"""``samadapt finetune``: fine-tune SAM on labeled slices under one of the study's strategies.
+
+Data (labeled slices, class-balanced sampling) → :class:`SamSegmenter` with the strategy applied
+(frozen / full / LoRA via peft / bottleneck adapters, per part) → the shared
+:class:`~samadapt.training.Trainer` → volume-level validation every epoch (best checkpoint, early
+stopping) → ``out/adapter/`` (peft), ``out/trainable.safetensors``, optional ``out/sam_merged.pth``,
+``out/metrics.csv``, ``out/validation.json`` and ``out/stage_output.json`` last.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate.utils import broadcast_object_list
+
+from samadapt.data import SliceDataset, to_sam_input
+from samadapt.data.manifest import cache_root, load_manifest, resolve_manifest
+from samadapt.errors import UserError
+from samadapt.evaluate.inference import PromptSettings, predict_case
+from samadapt.evaluate.metrics import case_metrics
+from samadapt.finetune.config import FinetuneConfig
+from samadapt.finetune.embeddings import EmbeddingDataset
+from samadapt.finetune.loading import BASE_WEIGHTS
+from samadapt.finetune.prompts import prompts_from_labels
+from samadapt.finetune.segmenter import SamSegmenter
+from samadapt.finetune.strategies import apply_strategy, merge_into_sam, parameter_summary, parameter_summary_line, save_finetuned
+from samadapt.keys import preprocessing
+from samadapt.models.checkpoints import load_sam, save_sam_checkpoint, save_sam_safetensors
+from samadapt.runs import StageOutput, begin_stage, finish_stage, input_record, write_json
+from samadapt.training import Trainer, make_accelerator
+
+VALIDATION_FILE = "validation.json"
+
+
+def choose_cases(cases: list, count: int | None, seed: int) -> list:
+    """Few-shot: ``count`` cases chosen with ``seed`` (all when count is None)."""
+    if count is None:
+        return cases
+    if count > len(cases):
+        raise UserError(f"train_cases={count} but the training split has only {len(cases)} labeled volumes")
+    return sorted(random.Random(seed).sample(cases, count), key=lambda c: c.id)
+
+
+def batch_prompts(config: FinetuneConfig, labels: torch.Tensor, case_ids, slices):
+    """Prompts for a training batch, fixed by the batch's slices (so a resumed run sees the same ones)."""
+    if config.prompt == "none":
+        return None
+    key = ",".join(f"{c}:{int(s)}" for c, s in zip(case_ids, slices))
+    rng = torch.Generator().manual_seed(config.seed * 1_000_003 + zlib.crc32(key.encode()))
+    return prompts_from_labels(config.prompt, labels, config.num_classes, rng, box_jitter=config.box_jitter,
+                               num_positive=config.num_points, num_negative=config.num_negative)
+
+
+class Validator:
+    """Volume-level foreground Dice on the validation cases; keeps the best weights and the patience count.
+
+    Its state lives in ``out/validation.json`` so a resumed run continues the same early-stopping count."""
+
+    def __init__(self, config: FinetuneConfig, cases: list, prep, accelerator):
+        self.config, self.cases, self.prep, self.accelerator = config, cases, prep, accelerator
+        self.path = Path(config.out) / VALIDATION_FILE
+        self.state = {"best_dice": None, "best_step": None, "bad_rounds": 0, "history": []}
+        if config.resume and self.path.is_file():
+            self.state = json.loads(self.path.read_text())
+
+    def mean_dice(self, model) -> float:
+        settings = PromptSettings(self.config.prompt, 0.0, self.config.num_points, self.config.num_negative,
+                                  self.config.seed)
+        scores = []
+        for case in self.cases:
+            prediction, slices = predict_case(model, case, self.prep, self.config.eval_batch_size, settings,
+                                              self.accelerator.device, self.config.num_classes)
+            reference = slices.to_volume(slices.labels)
+            metrics = case_metrics(prediction, reference, slices.geometry["spacing"][::-1],
+                                   range(1, self.config.num_classes))
+            scores += [m["Dice"] for m in metrics.values() if not np.isnan(m["Dice"])]
+        return float(np.mean(scores)) if scores else float("nan")
+
+    def __call__(self, step: int, model) -> bool:
+        """Validate on the main process, save if best; returns whether to stop (same on every process)."""
+        stop = [False]
+        if self.accelerator.is_main_process:
+            segmenter = self.accelerator.unwrap_model(model)
+            dice = self.mean_dice(segmenter)
+            state = self.state
+            state["history"].append({"step": step, "val_dice": dice})
+            if state["best_dice"] is None or dice > state["best_dice"]:
+                state.update(best_dice=dice, best_step=step, bad_rounds=0)
+                save_finetuned(segmenter, self.config.out)
+            else:
+                state["bad_rounds"] += 1
+            write_json(self.path, state)
+            print(f"step {step}: val Dice {dice:.4f} (best {state['best_dice']:.4f} at step {state['best_step']})")
+            stop = [bool(self.config.patience) and state["bad_rounds"] >= self.config.patience]
+        broadcast_object_list(stop)
+        return stop[0]
+
+
+def build_model(config: FinetuneConfig) -> SamSegmenter:
+    sam = load_sam(config.arch, config.checkpoint, image_size=config.image_size)
+    segmenter = SamSegmenter(sam, config.num_classes, config.prompt, config.grad_checkpointing)
+    return apply_strategy(segmenter, config.encoder, config.decoder, config.lora, config.adapter)
+
+
+def run(config: FinetuneConfig) -> StageOutput:
+    started = begin_stage(config)
+    accelerator = make_accelerator(config)
+    out = Path(config.out)
+    manifest = resolve_manifest(config.data)
+    train_cases = choose_cases(load_manifest(manifest, split=config.split, require_labels=True),
+                               config.train_cases, config.seed)
+    val_cases = load_manifest(manifest, split=config.val_split, require_labels=True) if config.val_split else []
+    prep = preprocessing(config)
+    use_embeddings = config.encoder == "frozen" and config.embedding_cache
+    slices = SliceDataset(train_cases, prep, cache_dir=config.cache_dir, labeled=True,
+                          num_classes=config.num_classes, skip_empty=config.skip_empty,
+                          empty_fraction=config.empty_fraction, augment=None if use_embeddings else config.augment,
+                          seed=config.seed)
+    model = build_model(config)
+    summary = parameter_summary(model)
+    if accelerator.is_main_process:
+        print(f"{config.encoder=} {config.decoder=} {config.prompt=}: {parameter_summary_line(summary)}")
+        if config.checkpoint is None:  # keep the random base: frozen parts are part of the model
+            save_sam_safetensors(model.sam.get_base_model() if hasattr(model.sam, "get_base_model") else model.sam,
+                                 config.arch, out / BASE_WEIGHTS)
+    dataset = slices
+    if use_embeddings:
+        with accelerator.main_process_first():
+            dataset = EmbeddingDataset(slices, model.to(accelerator.device), Path(config.cache_dir or cache_root()),
+                                       config.embedding_views, config.augment, config.seed,
+                                       config.eval_batch_size, accelerator.device)
+        if accelerator.is_main_process:
+            views = config.embedding_views
+            print(f"embedding cache: {len(dataset)} slices, "
+                  + (f"{views} pre-augmented views each" if views else "no augmentation (embedding_views=0)"))
+    segmenter = model  # loss and label helpers hold no parameters: call them on the plain module
+
+    def loss_fn(prepared, batch):
+        labels = batch["label"]
+        prompts = batch_prompts(config, labels.cpu(), batch["case_id"], batch["slice"])
+        prompts = prompts.to(labels.device) if prompts is not None else None
+        if use_embeddings:
+            logits = prepared(embeddings=batch["embedding"], prompts=prompts)
+        else:
+            logits = prepared(to_sam_input(batch["image"]), prompts)
+        present = None if prompts is None else prompts.present
+        return segmenter.loss_fn(logits, labels, present, config.class_weight_values), {}
+
+    steps_per_epoch = max(1, len(dataset) // (config.batch_size * accelerator.num_processes * config.grad_accumulation))
+    validate_every = config.val_every or steps_per_epoch
+    validator = Validator(config, val_cases, prep, accelerator) if val_cases else None
+
+    def after_step(step, prepared, logs):
+        if validator is not None and (step % validate_every == 0 or step == config.steps):
+            return validator(step, prepared)
+        return False
+
+    trainer = Trainer(accelerator, config, out)
+    result = trainer.fit(model, dataset, loss_fn, sample_weights=slices.sample_weights(), after_step=after_step,
+                         desc="finetune")
+    accelerator.wait_for_everyone()
+    artifacts: dict[str, Path] = {}
+    if accelerator.is_main_process:
+        model = accelerator.unwrap_model(trainer.model).cpu()
+        if validator is None:  # otherwise the validator already saved the best validated weights
+            save_finetuned(model, out)
+        artifacts = {"trainable": out / "trainable.safetensors", "metrics": out / "metrics.csv"}
+        if (out / "adapter").is_dir():
+            artifacts["adapter"] = out / "adapter"
+        if config.export_merged:
+            best = _best_model(config, out) if validator is not None else model
+            save_sam_checkpoint(merge_into_sam(best), config.arch, out / "sam_merged.pth")
+            artifacts["sam_merged"] = out / "sam_merged.pth"
+    record = None
+    if accelerator.is_main_process:
+        val = validator.state if validator else {}
+        metrics = {"steps": result.steps, "final_loss": result.final_loss, "train_seconds": round(result.seconds, 2),
+                   "train_volumes": len(train_cases), "val_volumes": len(val_cases), "train_slices": len(slices),
+                   "best_val_dice": val.get("best_dice"), "best_step": val.get("best_step"),
+                   "trainable_params": summary["trainable"], "total_params": summary["total"],
+                   "train_cases": [c.id for c in train_cases],
+                   "train_modalities": sorted({c.modality for c in train_cases}), "resumed_from_step": result.resumed_from}
+        record = finish_stage("finetune", config, input_record(data=manifest, checkpoint=config.checkpoint),
+                              artifacts, metrics, started)
+    accelerator.wait_for_everyone()
+    return record
+
+
+def _best_model(config: FinetuneConfig, out: Path):
+    """The best validated model, rebuilt from what the validator saved."""
+    from samadapt.finetune.strategies import load_finetuned
+
+    sam = load_sam(config.arch, config.checkpoint if config.checkpoint else out / BASE_WEIGHTS, config.image_size)
+    return load_finetuned(SamSegmenter(sam, config.num_classes, config.prompt), out, config)

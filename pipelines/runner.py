@@ -1,0 +1,316 @@
+"""``samadapt run PIPELINE``: chain stages, skip the ones that are up to date, resume crashed ones.
+
+A pipeline YAML::
+
+    name: demo                      # runs go to runs/<name>/<stage>/
+    defaults: {arch: vit_tiny}      # applied to every stage whose command has the key
+    matrix:                         # optional: stages that use ${matrix.X} run once per cell
+      arch: [vit_b, vit_l]
+    stages:
+      pretrain: {command: pretrain, config: {data: "demo:ssl", steps: 100}}
+      finetune: {command: finetune, config: {checkpoint: "${pretrain.sam_checkpoint}", arch: "${matrix.arch}"}}
+      evaluate: {command: evaluate, config: {model: "${finetune.dir}"}}
+    compare: [evaluate]             # evaluate stages (or their base names) to tabulate at the end
+
+``${stage.dir}`` is a stage's folder, ``${stage.<artifact>}`` one of its files (ARTIFACT_FILES). A stage is
+*up to date* when its ``stage_output.json`` holds the same resolved config and the same sha256 of every
+input; then it is skipped. Otherwise it runs — and resumes from ``state/step_<N>/`` when its previous run
+with the same config was killed (the stages' shared training loop does that). Changing a stage changes
+its outputs' hashes, so everything downstream reruns too.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from samadapt.config import build, iter_keys, parse_overrides, read_yaml, to_dict
+from samadapt.errors import UserError
+from samadapt.runs import STAGE_OUTPUT, sha256_file, versions, write_json
+
+ARTIFACT_FILES: dict[str, dict[str, str]] = {
+    "pretrain": {"sam_checkpoint": "sam_checkpoint.pth", "encoder": "encoder.safetensors"},
+    "finetune": {"adapter": "adapter", "trainable": "trainable.safetensors", "sam_merged": "sam_merged.pth"},
+    "evaluate": {"summary": "summary.json", "predictions": "predictions"},
+}
+PIPELINE_KEYS = {"name", "defaults", "matrix", "stages", "compare", "description"}
+STAGE_KEYS = {"command", "config"}
+REF = re.compile(r"\$\{([^}]+)\}")
+
+
+@dataclass
+class Stage:
+    """One stage to run: a YAML stage, or one matrix cell of it."""
+
+    name: str  # "finetune" or "finetune/vit_b-lora"
+    base: str  # the YAML stage name
+    command: str
+    raw: dict[str, Any]
+    cell: dict[str, Any] | None
+    out: Path
+    deps: list[str] = field(default_factory=list)
+
+
+def locate(pipeline: str) -> Path:
+    """A YAML path, or the name of a packaged pipeline (``demo`` → samadapt/pipelines/demo.yaml)."""
+    path = Path(pipeline)
+    if path.suffix in {".yaml", ".yml"} or path.exists():
+        if not path.is_file():
+            raise UserError(f"{path}: pipeline file not found")
+        return path
+    packaged = resources.files("samadapt.pipelines").joinpath(f"{pipeline}.yaml")
+    if not packaged.is_file():
+        names = sorted(p.name[:-5] for p in resources.files("samadapt.pipelines").iterdir() if p.name.endswith(".yaml"))
+        raise UserError(f"{pipeline!r}: no such pipeline file or packaged pipeline (packaged: {', '.join(names)})")
+    return Path(str(packaged))
+
+
+def _cell_id(cell: dict[str, Any]) -> str:
+    return "-".join(str(v["name"] if isinstance(v, dict) else v) for v in cell.values())
+
+
+def _refs(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return REF.findall(value)
+    if isinstance(value, dict):
+        return [r for v in value.values() for r in _refs(v)]
+    return []
+
+
+def plan(spec: dict[str, Any], source: Path, root: Path) -> list[Stage]:
+    """Expand matrix cells and order stages so every stage follows the stages it references."""
+    unknown = set(spec) - PIPELINE_KEYS
+    if unknown:
+        raise UserError(f"{source}: unknown top-level key(s) {sorted(unknown)} — allowed: {sorted(PIPELINE_KEYS)}")
+    stages = spec.get("stages")
+    if not isinstance(stages, dict) or not stages:
+        raise UserError(f"{source}: 'stages' must map stage names to {{command, config}}")
+    from samadapt.cli import STAGES
+
+    matrix = spec.get("matrix") or {}
+    cells = [dict(zip(matrix, combo)) for combo in itertools.product(*matrix.values())] if matrix else []
+    deps: dict[str, set[str]] = {}
+    for name, body in stages.items():
+        if not isinstance(body, dict) or set(body) - STAGE_KEYS or body.get("command") not in ARTIFACT_FILES:
+            raise UserError(f"{source}: stage {name!r} needs command: one of {sorted(ARTIFACT_FILES)} "
+                            f"and an optional config mapping")
+        if body["command"] not in STAGES:
+            raise UserError(f"{source}: stage {name!r}: unknown command {body['command']!r}")
+        deps[name] = set()
+        for ref in _refs(body.get("config") or {}):
+            head = ref.split(".")[0]
+            if head == "matrix":
+                if ref.split(".")[1] not in matrix:
+                    raise UserError(f"{source}: stage {name!r} uses ${{{ref}}} but the matrix has no such axis")
+            elif head not in stages:
+                raise UserError(f"{source}: stage {name!r} references unknown stage ${{{ref}}}")
+            else:
+                deps[name].add(head)
+    order = _topological(deps, source)
+    per_cell = {}
+    for name in order:
+        per_cell[name] = any(r.startswith("matrix.") for r in _refs(stages[name].get("config") or {})) or any(
+            per_cell[d] for d in deps[name])
+    planned: list[Stage] = []
+    for name in order:
+        body = stages[name]
+        for cell in (cells if per_cell[name] else [None]):
+            suffix = f"/{_cell_id(cell)}" if cell else ""
+            planned.append(Stage(name=name + suffix, base=name, command=body["command"],
+                                 raw=dict(body.get("config") or {}), cell=cell, out=root / (name + suffix),
+                                 deps=[d + (suffix if per_cell[d] else "") for d in sorted(deps[name])]))
+    return planned
+
+
+def _topological(deps: dict[str, set[str]], source: Path) -> list[str]:
+    order: list[str] = []
+    state: dict[str, str] = {}
+
+    def visit(name: str, chain: list[str]) -> None:
+        if state.get(name) == "done":
+            return
+        if state.get(name) == "visiting":
+            raise UserError(f"{source}: stages reference each other in a cycle: {' → '.join(chain + [name])}")
+        state[name] = "visiting"
+        for dep in sorted(deps[name]):
+            visit(dep, chain + [name])
+        state[name] = "done"
+        order.append(name)
+
+    for name in deps:
+        visit(name, [])
+    return order
+
+
+def resolve_config(stage: Stage, by_name: dict[str, Stage], defaults: dict[str, Any],
+                   overrides: dict[str, str]) -> Any:
+    """The stage's config object: defaults < YAML config < key=value < stage.key=value, refs resolved."""
+    from samadapt.cli import STAGES, _load
+
+    config_cls = _load(STAGES[stage.command][0])
+    known = {name for name, _ in iter_keys(config_cls)}
+    values = {k: v for k, v in defaults.items() if k in known}
+    values.update(_flatten(stage.raw))
+    values.update({k: v for k, v in overrides.items() if k in known})
+    prefix = stage.base + "."
+    values.update({k[len(prefix):]: v for k, v in overrides.items() if k.startswith(prefix)})
+    values = {k: _substitute(v, stage, by_name) for k, v in values.items()}
+    values["out"] = str(stage.out)
+    return build(config_cls, values)
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for name, value in data.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, prefix + name + "."))
+        else:
+            flat[prefix + name] = value
+    return flat
+
+
+def _substitute(value: Any, stage: Stage, by_name: dict[str, Stage]) -> Any:
+    if not isinstance(value, str):
+        return value
+
+    def replace(match: re.Match) -> str:
+        parts = match.group(1).split(".")
+        if parts[0] == "matrix":
+            found: Any = stage.cell
+            for part in parts[1:]:
+                found = found[part]
+            return str(found)
+        upstream = next(by_name[d] for d in stage.deps if by_name[d].base == parts[0])
+        if len(parts) != 2 or (parts[1] != "dir" and parts[1] not in ARTIFACT_FILES[upstream.command]):
+            choices = ["dir", *ARTIFACT_FILES[upstream.command]]
+            raise UserError(f"stage {stage.name}: ${{{match.group(1)}}} — {upstream.command} stages provide "
+                            f"{', '.join(choices)}")
+        return str(upstream.out if parts[1] == "dir" else upstream.out / ARTIFACT_FILES[upstream.command][parts[1]])
+
+    full = REF.fullmatch(value)
+    return replace(full) if full else REF.sub(replace, value)
+
+
+def stage_status(config: Any) -> str:
+    """``up to date`` (same config and input hashes as the finished record), ``resume`` or ``run``."""
+    out = Path(config.out)
+    record_path = out / STAGE_OUTPUT
+    if record_path.is_file():
+        record = json.loads(record_path.read_text())
+        same_inputs = all(
+            entry is None or (Path(entry["path"]).exists() and sha256_file(entry["path"]) == entry["sha256"])
+            for entry in record.get("inputs", {}).values())
+        if record.get("config") == to_dict(config) and same_inputs:
+            return "up to date"
+    if any((out / "state").glob("step_*/progress.json")):
+        return "resume"
+    return "run"
+
+
+def _say(text: str) -> None:
+    if os.environ.get("RANK", "0") == "0":
+        print(text, flush=True)
+
+
+def _select(stages: list[Stage], start: str | None, until: str | None) -> list[Stage]:
+    def index(name: str, last: bool) -> int:
+        hits = [i for i, s in enumerate(stages) if name in (s.name, s.base)]
+        if not hits:
+            raise UserError(f"no stage named {name!r} — stages: {', '.join(s.name for s in stages)}")
+        return hits[-1] if last else hits[0]
+
+    first = index(start, last=False) if start else 0
+    last = index(until, last=True) if until else len(stages) - 1
+    return stages[first:last + 1]
+
+
+def run_pipeline(pipeline: str, overrides: list[str], start: str | None = None, until: str | None = None,
+                 force: bool = False, dry_run: bool = False, runs_dir: str | None = None) -> dict[str, str]:
+    """Run (or with ``dry_run`` list) the selected stages; returns {stage name: what happened}."""
+    source = locate(pipeline)
+    spec = read_yaml(source)
+    name = str(spec.get("name") or source.stem)
+    root = Path(runs_dir) if runs_dir else Path("runs") / name
+    stages = plan(spec, source, root)
+    by_name = {s.name: s for s in stages}
+    parsed = parse_overrides(overrides)
+    _check_overrides(parsed, stages)
+    selected = _select(stages, start, until)
+    outcome: dict[str, str] = {}
+    resolved: dict[str, Any] = {}
+    for stage in stages:
+        config = resolve_config(stage, by_name, spec.get("defaults") or {}, parsed)
+        resolved[stage.name] = to_dict(config)
+        status = stage_status(config)
+        if stage not in selected:
+            if status != "up to date" and not dry_run and any(s.name in _downstream(stage, stages) for s in selected):
+                raise UserError(f"stage {stage.name} (before --from) is not complete — run it first or drop --from")
+            continue
+        if force and status == "up to date":
+            status = "run (forced)"
+        outcome[stage.name] = status
+        if dry_run:
+            _say(f"{stage.name:<40} {stage.command:<9} {status:<13} {stage.out}")
+            continue
+        if status == "up to date":
+            _say(f"[{stage.name}] up to date — skipped")
+            continue
+        _say(f"[{stage.name}] {'resuming' if status == 'resume' else 'running'} {stage.command} → {stage.out}")
+        from samadapt.cli import STAGES, _load
+
+        result = _load(STAGES[stage.command][1])(config)
+        if result is not None and not getattr(result, "ok", True):
+            raise UserError(f"stage {stage.name} failed — see {stage.out}")
+    if not dry_run:
+        write_json(root / "pipeline.json", {"pipeline": str(source), "spec": spec, "stages": resolved,
+                                            "versions": versions()})
+        _compare(spec, stages, root, source)
+    return outcome
+
+
+def _downstream(stage: Stage, stages: list[Stage]) -> set[str]:
+    found, changed = {stage.name}, True
+    while changed:
+        changed = False
+        for other in stages:
+            if other.name not in found and found & set(other.deps):
+                found.add(other.name)
+                changed = True
+    return found - {stage.name}
+
+
+def _check_overrides(overrides: dict[str, str], stages: list[Stage]) -> None:
+    from samadapt.cli import STAGES, _load
+
+    bases = {s.base for s in stages}
+    known = {k for s in stages for k, _ in iter_keys(_load(STAGES[s.command][0]))}
+    for key in overrides:
+        head, _, rest = key.partition(".")
+        if head in bases and rest:
+            continue
+        if key not in known:
+            raise UserError(f"override {key}=: no stage of this pipeline has that key "
+                            f"(use <stage>.<key>= for one stage)")
+
+
+def _compare(spec: dict[str, Any], stages: list[Stage], root: Path, source: Path) -> None:
+    wanted = spec.get("compare") or []
+    wanted = [wanted] if isinstance(wanted, str) else wanted
+    chosen = [s for s in stages if s.base in wanted or s.name in wanted]
+    if not chosen:
+        return
+    if any(s.command != "evaluate" for s in chosen):
+        raise UserError(f"{source}: compare lists stages that are not evaluate stages")
+    if not all((s.out / STAGE_OUTPUT).is_file() for s in chosen):
+        _say("compare: skipped — not every compared evaluate stage has finished")
+        return
+    from samadapt.evaluate.report import compare_runs
+
+    markdown = compare_runs([s.out for s in chosen], root / "compare", names=[s.name for s in chosen])
+    _say(f"\n{markdown}\nwritten: {root / 'compare.md'} (+ .csv, .png)")

@@ -1,0 +1,36 @@
+"""Keys of ``samadapt pretrain`` (``samadapt pretrain --help`` prints them)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from samadapt.config import key, required
+from samadapt.keys import DataKeys, ModelKeys, TrainKeys
+
+
+@dataclass(kw_only=True)
+class PretrainConfig(ModelKeys, DataKeys, TrainKeys):
+    data: str = required("unlabeled manifest (.jsonl/.csv) or a packaged one such as demo:ssl")
+    out: Path = required("output folder (resumes from out/state/ when rerun)")
+    plane: Literal["axial", "coronal", "sagittal", "all"] = key("all", "slicing plane; all = every plane")
+    mask_ratio: float = key(0.75, "fraction of the image masked (rounded to whole mask units)")
+    variant: Literal["drop", "mask_token"] = key(
+        "drop", "drop = encoder skips masked windows (MAE, faster); mask_token = SimMIM-style full grid"
+    )
+    decoder_dim: int = key(256, "width of the light MAE decoder (discarded at export)")
+    decoder_depth: int = key(2, "transformer blocks in the MAE decoder")
+    norm_pix_loss: bool = key(True, "normalise each target patch by its mean and std (MAE)")
+    layer_decay: float = key(1.0, "layer-wise lr decay for encoder blocks (1.0 = none, 0.75 typical)")
+    skip_empty: float = key(0.05, "skip slices whose foreground fraction is below this (0 = keep all)")
+    preview_every: int = key(100, "steps between reconstruction previews in out/previews/ (0 = never)")
+    lr: float = key(1.5e-4, "peak learning rate (AdamW)")
+    warmup_steps: int = key(50, "linear warm-up steps before the cosine decay")
+
+    def __post_init__(self) -> None:
+        self.check_training_keys()
+        if not 0.0 < self.mask_ratio < 1.0:
+            raise ValueError(f"mask_ratio={self.mask_ratio}: must be strictly between 0 and 1")
+        if not 0.0 < self.layer_decay <= 1.0:
+            raise ValueError(f"layer_decay={self.layer_decay}: must be in (0, 1]")

@@ -1,0 +1,238 @@
+"""Masked image modelling on SAM's own image encoder (MAE / SimMIM), with a throw-away decoder.
+
+``MaskedAutoencoderSAM`` holds ``sam.image_encoder`` itself (the same module object), runs its patch
+embedding, absolute position embedding and blocks with their own weights, and predicts the pixels of the
+masked 16 x 16 patches from the blocks' output through a light decoder. Training therefore updates SAM's
+encoder in place; export is ``sam.image_encoder.state_dict()`` and the decoder is discarded.
+
+The decoder reads the last block's tokens (B x N x C), *before* the neck: the neck's 3 x 3 conv would mix
+kept and dropped windows and only matters for SAM's prompt decoder, so it is neither run nor trained here
+(its weights stay as loaded; under DDP it is an unused parameter — freeze it or use
+``find_unused_parameters=True``).
+
+Variants:
+- ``"drop"`` (MAE, window-aligned units as in Hiera): whole windows of the padded grid are masked
+  (``masking.WindowLayout``) and dropped; windowed blocks run on the kept windows only, global blocks
+  attend over the kept tokens with SAM's rel-pos bias gathered at their (row, col)
+  (``sparse_blocks``). Fewer tokens in global blocks than a full-grid forward sees: the MAE trade-off.
+- ``"mask_token"`` (SimMIM): single random patches are masked; their patch embeddings are replaced by a
+  learned token before the position embedding and every block sees the full grid.
+
+From lightly: ``random_token_mask`` (both variants: windows resp. patches), ``mask_at_index``,
+``get_at_index``/``set_at_index`` (gather/scatter of kept windows), ``patchify``/``unpatchify``,
+``normalize_mean_var`` (per-patch targets), and the decoder ``MaskedVisionTransformerDecoderTIMM`` (mask
+token, fixed 2D sine-cosine positions, timm blocks; the successor of the deprecated ``MAEDecoderTIMM``).
+Glue written here, because lightly assumes a class token and a flat sequence: no class token
+(``num_prefix_tokens=0``), the 2D window layout with SAM's padding, running SAM's blocks on kept windows,
+and the relative-position gather for sparse global attention.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from lightly.models.modules.masked_vision_transformer_decoder_timm import MaskedVisionTransformerDecoderTIMM
+from lightly.models.modules.masked_vision_transformer_timm import init_weights
+from lightly.models.utils import (
+    get_at_index, mask_at_index, normalize_mean_var, patchify, random_token_mask, set_at_index, unpatchify,
+)
+from segment_anything.modeling import ImageEncoderViT
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from samadapt.errors import UserError
+from samadapt.pretrain.masking import WindowLayout, patch_mask_from_indices
+from samadapt.pretrain.sparse_blocks import global_block, windowed_block
+
+VARIANTS = ("drop", "mask_token")
+
+
+class MAEOutput(NamedTuple):
+    """loss: scalar; pred: B x N x (p * p * 3) per-patch pixels (normalised per patch if norm_pix_loss);
+    mask: float B x N, 1 = masked (N = (S / p)^2 patches, row-major)."""
+
+    loss: Tensor
+    pred: Tensor
+    mask: Tensor
+
+
+def mae_loss(pred: Tensor, images: Tensor, mask: Tensor, patch_size: int, norm_pix_loss: bool = True) -> Tensor:
+    """Mean squared error over the masked patches only.
+
+    Args:
+        pred: B x N x (p * p * 3); images: B x 3 x S x S (pixel-normalised); mask: B x N, 1 = masked.
+        norm_pix_loss: targets are each patch's pixels normalised to zero mean and unit variance (MAE).
+    Returns: scalar; 0 if nothing is masked.
+    """
+    target = patchify(images, patch_size)
+    if norm_pix_loss:
+        target = normalize_mean_var(target, dim=-1)
+    per_patch = ((pred - target) ** 2).mean(dim=-1)
+    return (per_patch * mask).sum() / mask.sum().clamp(min=1)
+
+
+class MaskedAutoencoderSAM(nn.Module):
+    """MAE/SimMIM around a segment_anything ``ImageEncoderViT`` (kept as ``self.encoder``, trained in place).
+
+    Args:
+        encoder: the SAM image encoder to train; its ``img_size`` fixes the input size S.
+        mask_ratio: fraction of windows ("drop") or patches ("mask_token") to mask, in [0, 1).
+        decoder_dim, decoder_depth, decoder_heads: width, blocks and heads of the throw-away decoder.
+        variant: "drop" (window-aligned token dropping) or "mask_token" (SimMIM-style full grid).
+        norm_pix_loss: per-patch normalised pixel targets.
+        grad_checkpointing: recompute each encoder block in the backward pass (saves activation memory).
+    """
+
+    def __init__(
+        self,
+        encoder: ImageEncoderViT,
+        mask_ratio: float = 0.75,
+        decoder_dim: int = 256,
+        decoder_depth: int = 2,
+        decoder_heads: int = 8,
+        variant: str = "drop",
+        norm_pix_loss: bool = True,
+        grad_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        if not isinstance(encoder, ImageEncoderViT):
+            raise UserError(
+                f"MAE pretraining needs a plain-ViT SAM encoder (vit_b, vit_l, vit_h, vit_tiny), got "
+                f"{type(encoder).__name__} — choose one of those archs"
+            )
+        if variant not in VARIANTS:
+            raise UserError(f"variant={variant!r} is not known — choose one of {', '.join(VARIANTS)}")
+        if not 0 <= mask_ratio < 1:
+            raise UserError(f"mask_ratio={mask_ratio} must be in [0, 1), e.g. 0.75")
+        self.encoder = encoder
+        self.mask_ratio = mask_ratio
+        self.variant = variant
+        self.norm_pix_loss = norm_pix_loss
+        self.grad_checkpointing = grad_checkpointing
+        self.patch_size = encoder.patch_embed.proj.kernel_size[0]
+        self.image_size = encoder.img_size
+        self.grid_size = self.image_size // self.patch_size
+        self.num_patches = self.grid_size**2
+        embed_dim = encoder.patch_embed.proj.out_channels
+
+        if variant == "drop":
+            self.layout = self._window_layout(encoder)
+            if self.layout.num_kept_units(mask_ratio) < 1:
+                raise UserError(
+                    f"mask_ratio={mask_ratio} masks all {self.layout.num_units} windows at image_size="
+                    f"{self.image_size} — lower mask_ratio or use variant=mask_token"
+                )
+        else:
+            self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+            nn.init.normal_(self.mask_token, std=0.02)
+
+        # SAM's blocks end without a norm (the neck has it), so the decoder normalises its input itself.
+        self.decoder_embed = nn.Sequential(nn.LayerNorm(embed_dim, eps=1e-6), nn.Linear(embed_dim, decoder_dim))
+        self.decoder = MaskedVisionTransformerDecoderTIMM(
+            num_patches=self.num_patches, embed_dim=decoder_dim, depth=decoder_depth, num_heads=decoder_heads,
+            num_prefix_tokens=0,
+        )
+        if variant == "mask_token":
+            # The encoder already carries masked positions; the decoder's own mask token stays unused.
+            self.decoder.mask_token.requires_grad_(False)
+        self.decoder_pred = nn.Linear(decoder_dim, self.patch_size**2 * 3)
+        self.decoder_embed.apply(init_weights)
+        self.decoder_pred.apply(init_weights)
+
+    @staticmethod
+    def _window_layout(encoder: ImageEncoderViT) -> WindowLayout:
+        window_sizes = {block.window_size for block in encoder.blocks if block.window_size > 0}
+        if len(window_sizes) != 1:
+            raise UserError(
+                f"variant=drop needs windowed blocks of one window size, the encoder has {sorted(window_sizes)}"
+                " — use variant=mask_token"
+            )
+        return WindowLayout(encoder.img_size // encoder.patch_embed.proj.kernel_size[0], window_sizes.pop())
+
+    def forward(self, images: Tensor) -> MAEOutput:
+        """images: B x 3 x S x S pixel-normalised → MAEOutput (masks drawn from torch's global RNG)."""
+        tokens, mask = self.encode(images)
+        pred = self.decode(tokens, mask if self.variant == "drop" else None)
+        return MAEOutput(mae_loss(pred, images, mask, self.patch_size, self.norm_pix_loss), pred, mask)
+
+    def encode(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """Draw a mask and run the encoder's blocks.
+
+        Returns: tokens B x N x C, the last block's output (zeros at dropped patches for "drop"), and
+        mask float B x N (1 = masked).
+        """
+        if images.shape[-2:] != (self.image_size, self.image_size):
+            raise ValueError(f"images must be B x 3 x {self.image_size} x {self.image_size}, got {tuple(images.shape)}")
+        if self.variant == "drop":
+            return self._encode_drop(images)
+        return self._encode_mask_token(images)
+
+    def decode(self, tokens: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Encoder tokens B x N x C → pixel predictions B x N x (p * p * 3).
+
+        mask: B x N (1 = masked) to replace by the decoder's mask token (dropped tokens), or None.
+        """
+        decoded = self.decoder(self.decoder_embed(tokens), mask=None if mask is None else mask.bool())
+        return self.decoder_pred(decoded)
+
+    def _encode_mask_token(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        encoder = self.encoder
+        x = encoder.patch_embed(images)  # B x G x G x C
+        batch, grid, _, channels = x.shape
+        _, idx_mask = random_token_mask(
+            (batch, self.num_patches), self.mask_ratio, mask_class_token=True, device=images.device
+        )
+        # SimMIM: the mask token replaces the patch embedding; the position embedding is added after.
+        x = mask_at_index(x.reshape(batch, -1, channels), idx_mask, self.mask_token.to(x.dtype))
+        x = x.view(batch, grid, grid, channels)
+        if encoder.pos_embed is not None:
+            x = x + encoder.pos_embed
+        for block in encoder.blocks:
+            x = self._run(block, x)
+        return x.reshape(batch, -1, channels), patch_mask_from_indices(idx_mask, self.num_patches)
+
+    def _encode_drop(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        encoder, layout = self.encoder, self.layout
+        x = encoder.patch_embed(images)
+        if encoder.pos_embed is not None:
+            x = x + encoder.pos_embed
+        batch, _, _, channels = x.shape
+        idx_keep, idx_mask = layout.random_unit_mask(batch, self.mask_ratio, images.device)
+        kept = get_at_index(layout.partition(x).flatten(2), idx_keep)  # B x K x (T * C)
+        kept = kept.view(batch, idx_keep.shape[1], layout.tokens_per_unit, channels)
+        valid, rows, cols = (t.to(images.device)[idx_keep] for t in (layout.valid, layout.rows, layout.cols))
+        for block in encoder.blocks:
+            if block.window_size > 0:
+                kept = self._run(windowed_block, block, kept, valid)
+            else:
+                kept = self._run(global_block, block, kept, valid, rows, cols, self.grid_size)
+        # Scatter the kept windows back onto the grid; dropped windows become zeros (the decoder
+        # replaces them by its mask token).
+        windows = set_at_index(
+            x.new_zeros(batch, layout.num_units, layout.tokens_per_unit * channels), idx_keep, kept.flatten(2)
+        )
+        grid = layout.unpartition(windows.view(batch, layout.num_units, layout.tokens_per_unit, channels))
+        return grid.reshape(batch, -1, channels), layout.patch_mask(idx_mask)
+
+    def _run(self, function, *args):
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(function, *args, use_reentrant=False)
+        return function(*args)
+
+    @torch.no_grad()
+    def reconstruct(self, images: Tensor, output: MAEOutput) -> tuple[Tensor, Tensor]:
+        """Preview images for ``output`` of ``forward(images)``.
+
+        Returns (masked_images, reconstructed_images), both B x 3 x S x S in the intensity space of
+        ``images`` (per-patch normalisation undone with each true patch's mean/std, as in MAE's demo):
+        masked patches are 0 in the first, and predicted (visible patches copied) in the second.
+        """
+        target = patchify(images, self.patch_size)
+        pred = output.pred.to(target.dtype)
+        if self.norm_pix_loss:
+            pred = pred * (target.var(dim=-1, keepdim=True) + 1e-6).sqrt() + target.mean(dim=-1, keepdim=True)
+        mask = output.mask.unsqueeze(-1).to(target.dtype)
+        visible = target * (1 - mask)
+        return (unpatchify(visible, self.patch_size, images.shape[1]),
+                unpatchify(visible + pred * mask, self.patch_size, images.shape[1]))

@@ -1,0 +1,102 @@
+"""``samadapt pretrain``: continue training SAM's own image encoder with masked image modelling.
+
+Data (unlabeled slices) → :class:`MaskedAutoencoderSAM` around ``sam.image_encoder`` → the shared
+:class:`~samadapt.training.Trainer` → export. The encoder is trained in place, so the export is SAM's
+state dict with the new encoder and the input checkpoint's prompt encoder and mask decoder.
+
+Writes ``out/sam_checkpoint.pth`` (official key layout and shapes of ``arch``; loads in stock
+segment_anything), ``out/encoder.safetensors`` (encoder at the trained ``image_size``),
+``out/metrics.csv``, ``out/previews/step_<N>.png`` and ``out/stage_output.json`` last.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from samadapt.data import SliceDataset, to_sam_input
+from samadapt.data.manifest import load_manifest, resolve_manifest
+from samadapt.errors import UserError
+from samadapt.keys import preprocessing
+from samadapt.models.checkpoints import load_sam, save_safetensors, save_sam_checkpoint
+from samadapt.pretrain.config import PretrainConfig
+from samadapt.pretrain.mae import MaskedAutoencoderSAM
+from samadapt.pretrain.preview import write_preview
+from samadapt.runs import StageOutput, begin_stage, finish_stage, input_record
+from samadapt.training import Trainer, make_accelerator, param_groups
+
+PREVIEW_IMAGES = 4
+
+
+def layer_lr_scale(depth: int, decay: float):
+    """lr multiplier per parameter name: encoder block i gets decay^(depth - i), the patch embedding
+    decay^(depth + 1), everything after the last block (neck, MAE decoder) 1."""
+    def scale(name: str) -> float:
+        match = re.search(r"encoder\.blocks\.(\d+)\.", name)
+        if match:
+            return decay ** (depth - int(match.group(1)))
+        if "patch_embed" in name or name.endswith("pos_embed"):
+            return decay ** (depth + 1)
+        return 1.0
+    return scale
+
+
+def build_dataset(config: PretrainConfig) -> SliceDataset:
+    manifest = resolve_manifest(config.data)
+    cases = load_manifest(manifest, split=config.split)
+    dataset = SliceDataset(cases, preprocessing(config), cache_dir=config.cache_dir, labeled=False,
+                           skip_empty=config.skip_empty, seed=config.seed)
+    if len(dataset) == 0:
+        raise UserError(f"{manifest}: no usable slices (all below skip_empty={config.skip_empty}) — "
+                        "check the images or lower skip_empty")
+    return dataset
+
+
+def run(config: PretrainConfig) -> StageOutput:
+    started = begin_stage(config)
+    accelerator = make_accelerator(config)
+    dataset = build_dataset(config)
+    sam = load_sam(config.arch, config.checkpoint, image_size=config.image_size)
+    if not hasattr(sam.image_encoder, "blocks") or config.arch == "vit_t":
+        raise UserError(f"arch={config.arch}: MAE pretraining needs a plain-ViT encoder (vit_b/l/h/tiny)")
+    mae = MaskedAutoencoderSAM(sam.image_encoder, mask_ratio=config.mask_ratio, decoder_dim=config.decoder_dim,
+                               decoder_depth=config.decoder_depth, variant=config.variant,
+                               norm_pix_loss=config.norm_pix_loss, grad_checkpointing=config.grad_checkpointing)
+    # Only the encoder and the MAE decoder learn; SAM's prompt encoder / mask decoder are exported as loaded.
+    groups = param_groups(mae, config.weight_decay, layer_lr_scale(len(sam.image_encoder.blocks), config.layer_decay))
+    preview_batch = torch.stack([dataset[i]["image"] for i in range(min(PREVIEW_IMAGES, len(dataset)))])
+
+    def loss_fn(model, batch):
+        output = model(to_sam_input(batch["image"]))
+        return output.loss, {}
+
+    def after_step(step, model, logs):
+        if config.preview_every and step % config.preview_every == 0 and accelerator.is_main_process:
+            write_preview(accelerator.unwrap_model(model), to_sam_input(preview_batch.to(accelerator.device)),
+                          Path(config.out) / "previews" / f"step_{step:06d}.png")
+        return False
+
+    trainer = Trainer(accelerator, config, config.out)
+    result = trainer.fit(mae, dataset, loss_fn, groups=groups, after_step=after_step, desc="pretrain")
+    accelerator.wait_for_everyone()
+    artifacts = {"sam_checkpoint": Path(config.out) / "sam_checkpoint.pth",
+                 "encoder": Path(config.out) / "encoder.safetensors", "metrics": Path(config.out) / "metrics.csv"}
+    if accelerator.is_main_process:
+        sam = sam.cpu()
+        save_sam_checkpoint(sam, config.arch, artifacts["sam_checkpoint"])
+        save_safetensors({k: v.contiguous() for k, v in sam.image_encoder.state_dict().items()},
+                         artifacts["encoder"], metadata={"arch": config.arch, "image_size": str(config.image_size),
+                                                         "prefix": "image_encoder."})
+    first_loss = float(result.history[0]["loss"]) if result.history else float("nan")
+    metrics = {"steps": result.steps, "first_logged_loss": first_loss, "final_loss": result.final_loss,
+               "train_seconds": round(result.seconds, 2), "slices": len(dataset),
+               "resumed_from_step": result.resumed_from}
+    record = None
+    if accelerator.is_main_process:
+        record = finish_stage("pretrain", config, input_record(data=resolve_manifest(config.data),
+                                                               checkpoint=config.checkpoint),
+                              artifacts, metrics, started)
+    accelerator.wait_for_everyone()
+    return record

@@ -1,0 +1,106 @@
+"""Torch datasets of cached 2D slices: :class:`SliceDataset` (SSL pools and supervised training)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, WeightedRandomSampler
+from tqdm import tqdm
+
+from samadapt.data.augment import AugmentConfig, augment, build_transform
+from samadapt.data.cache import CachedSlices, cached_slices
+from samadapt.data.manifest import Case
+from samadapt.data.preprocessing import Preprocessing
+from samadapt.errors import UserError
+
+
+class SliceDataset(Dataset):
+    """Slices of ``cases`` through the slice cache.
+
+    Items: ``{"image": float32 1 x S x S in [0, 1], "label": int64 S x S (labeled only),
+    "case_id": str, "slice": int, "plane": str}``.
+
+    * ``skip_empty``: drop slices whose imaged-object fraction (pixels above 0.05) is below this
+      (0 = keep all); for labeled data only slices without any foreground label are dropped this way.
+    * ``empty_fraction`` (labeled): fraction of slices without foreground labels that is kept
+      (chosen with ``seed``), so the model also learns to predict "nothing here".
+    * ``num_classes`` (labeled): label values must be below it (checked); None = max label + 1.
+    * ``augment``: an :class:`AugmentConfig` (None = no augmentation).
+    """
+
+    def __init__(self, cases: list[Case], prep: Preprocessing, cache_dir: str | os.PathLike | None = None,
+                 labeled: bool = True, num_classes: int | None = None, skip_empty: float = 0.01,
+                 empty_fraction: float = 0.2, augment: AugmentConfig | None = None, seed: int = 0):
+        if not 0.0 <= empty_fraction <= 1.0:
+            raise UserError(f"empty_fraction={empty_fraction}: must be between 0 and 1")
+        if labeled:
+            missing = [c.id for c in cases if c.label is None]
+            if missing:
+                raise UserError(f"cases {', '.join(missing[:5])} have no label — labelled training needs a label "
+                                "for every case (fill the manifest's label column or choose another split)")
+        self.prep, self.labeled, self.seed = prep, labeled, seed
+        self.entries: list[tuple[Case, CachedSlices]] = []
+        for case in tqdm(cases, desc="slice cache", unit="volume", disable=None, leave=False):
+            for plane in prep.planes:
+                entry = cached_slices(case, replace(prep, plane=plane), cache_dir, num_classes, labeled)
+                self.entries.append((case, entry))
+        values = [v for _, e in self.entries if labeled for v in e.index["label_values"]]
+        self.num_classes = num_classes if num_classes is not None else (max(values, default=0) + 1 if labeled else None)
+        self.items = self._select(skip_empty, empty_fraction)
+        self._transform = build_transform(augment, labeled) if augment is not None else None
+        self._calls = 0
+
+    def _select(self, skip_empty: float, empty_fraction: float) -> list[tuple[int, int]]:
+        rng = np.random.default_rng(self.seed)
+        items = []
+        for e, (_, entry) in enumerate(self.entries):
+            foreground = entry.index["foreground_fraction"]
+            counts = entry.index["class_counts"] if self.labeled else None
+            for i in range(len(entry)):
+                if counts is not None and counts[i]:
+                    items.append((e, i))  # slices showing a structure are always kept
+                elif foreground[i] < skip_empty:
+                    continue
+                elif counts is None or rng.random() < empty_fraction:
+                    items.append((e, i))
+        return items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        e, i = self.items[index]
+        case, entry = self.entries[e]
+        image = entry.image(i)
+        label = entry.label(i) if self.labeled else None
+        if self._transform is not None:
+            self._calls += 1
+            # torch.initial_seed differs per DataLoader worker and epoch; the call count per process.
+            seed = (torch.initial_seed() + 1_000_003 * index + 7919 * self._calls + self.seed) % 2**32
+            image, label = augment(self._transform, image, label, seed)
+        item = {"image": torch.from_numpy(np.ascontiguousarray(image))[None], "case_id": case.id, "slice": i,
+                "plane": entry.mapping.plane}
+        if label is not None:
+            item["label"] = torch.from_numpy(np.ascontiguousarray(label))
+        return item
+
+    def class_presence(self) -> list[set[int]]:
+        """Per item: the foreground classes on that slice (empty set = background only)."""
+        return [{int(c) for c in self.entries[e][1].index["class_counts"][i]} for e, i in self.items]
+
+    def sampler(self, num_samples: int | None = None) -> WeightedRandomSampler:
+        """A seeded sampler giving every class (and the empty slices as one group) about the same share
+        of draws, so small structures are seen as often as large ones."""
+        if not self.labeled:
+            raise ValueError("sampler() balances classes and needs labeled=True")
+        groups = [present or {0} for present in self.class_presence()]
+        totals: dict[int, int] = {}
+        for present in groups:
+            for c in present:
+                totals[c] = totals.get(c, 0) + 1
+        weights = torch.tensor([max(1.0 / totals[c] for c in present) for present in groups], dtype=torch.double)
+        generator = torch.Generator().manual_seed(self.seed)
+        return WeightedRandomSampler(weights, num_samples or len(self), replacement=True, generator=generator)

@@ -1,0 +1,154 @@
+"""``samadapt data import``: turn a dataset folder into a manifest (+ ``<stem>.labels.json``).
+
+* **nnU-Net v2 raw** (``dataset.json`` with ``channel_names``/``file_ending``, ``imagesTr/<case>_0000.nii.gz``,
+  ``labelsTr/<case>.nii.gz``, optional ``imagesTs/``): one row per case, image = channel ``channel``.
+* **Medical Segmentation Decathlon** (``dataset.json`` with ``training``/``test`` lists): one row per
+  case; 4D multi-modal images need ``channel=`` in the stages.
+* **Any other folder**: every NIfTI/NRRD/MHA file and DICOM series folder → an unlabeled manifest (SSL).
+
+Labelled training cases are split by case (never by slice), seeded: ``val_fraction`` of them become
+``split=val``; ``folds=K`` writes a ``fold`` column (0..K-1) for K-fold cross-validation.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from samadapt.data.manifest import write_manifest
+from samadapt.data.readers import dicom_series
+from samadapt.errors import UserError
+from samadapt.runs import write_json
+
+VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+
+
+def import_dataset(folder: str | Path, out: str | Path, val_fraction: float = 0.0, folds: int | None = None,
+                   seed: int = 0, modality: str = "MR", channel: int = 0) -> dict:
+    """Write the manifest ``out`` for ``folder``; returns a summary (kind, counts per split, paths)."""
+    folder, out = Path(folder), Path(out)
+    if not folder.is_dir():
+        raise UserError(f"{folder}: not a folder — give an nnU-Net/MSD dataset folder or a folder of images")
+    if not 0.0 <= val_fraction < 1.0:
+        raise UserError(f"--val-fraction {val_fraction}: must be in [0, 1)")
+    if folds is not None and folds < 2:
+        raise UserError(f"--folds {folds}: need at least 2 folds")
+    dataset_json = folder / "dataset.json"
+    labels = None
+    if dataset_json.is_file():
+        meta = _read_json(dataset_json)
+        if "training" in meta:
+            kind, rows, labels = "msd", _msd_rows(folder, meta), meta.get("labels")
+        else:
+            kind, rows, labels = "nnunet", _nnunet_rows(folder, meta, channel), meta.get("labels")
+    else:
+        kind, rows = "folder", _folder_rows(folder, modality)
+    if not rows:
+        raise UserError(f"{folder}: no images found ({', '.join(VOLUME_SUFFIXES)} files or DICOM series)")
+    _assign_splits(rows, val_fraction, folds, seed)
+    write_manifest(out, rows)
+    summary = {"kind": kind, "manifest": str(out), "cases": len(rows),
+               "splits": {s: sum(r["split"] == s for r in rows) for s in ("train", "val", "test")}}
+    if labels:
+        labels_path = out.with_name(out.stem + ".labels.json")
+        write_json(labels_path, {"labels": labels})
+        summary["labels"] = str(labels_path)
+    return summary
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    return data
+
+
+def _modality(name: str) -> str:
+    return "CT" if str(name).strip().upper() == "CT" else "MR"
+
+
+def _nnunet_rows(folder: Path, meta: dict, channel: int) -> list[dict]:
+    channels = meta.get("channel_names") or meta.get("modality") or {"0": "MR"}
+    if str(channel) not in channels:
+        raise UserError(f"{folder / 'dataset.json'}: no channel {channel} (channels: {channels}) — use --channel")
+    if any(isinstance(v, (list, tuple)) for v in (meta.get("labels") or {}).values()):
+        raise UserError(f"{folder / 'dataset.json'}: region-based labels are not supported — use integer classes")
+    ending = meta.get("file_ending", ".nii.gz")
+    modality = _modality(channels[str(channel)])
+    suffix = f"_{channel:04d}{ending}"
+    rows = []
+    for images, labels, split in (("imagesTr", "labelsTr", ""), ("imagesTs", "labelsTs", "test")):
+        for image in sorted((folder / images).glob(f"*{suffix}")):
+            case = image.name[: -len(suffix)]
+            label = folder / labels / f"{case}{ending}"
+            if split == "" and not label.is_file():
+                raise UserError(f"{image}: no label {label} — nnU-Net training cases need one")
+            rows.append({"id": case, "image": image, "label": label if label.is_file() else None,
+                         "modality": modality, "split": split})
+    return rows
+
+
+def _msd_rows(folder: Path, meta: dict) -> list[dict]:
+    modality = _modality((meta.get("modality") or {"0": "MR"}).get("0", "MR"))
+    rows = []
+    for entry in meta.get("training", []):
+        image, label = folder / entry["image"], folder / entry["label"]
+        for path in (image, label):
+            if not path.is_file():
+                raise UserError(f"{folder / 'dataset.json'}: listed file {path} not found")
+        rows.append({"id": _case_id(image), "image": image, "label": label, "modality": modality, "split": ""})
+    for entry in meta.get("test", []):
+        image = folder / (entry if isinstance(entry, str) else entry["image"])
+        if image.is_file():
+            rows.append({"id": _case_id(image), "image": image, "label": None, "modality": modality, "split": "test"})
+    return rows
+
+
+def _folder_rows(folder: Path, modality: str) -> list[dict]:
+    """Every volume file, and every DICOM series (a folder with several gives one row per series)."""
+    found: list[tuple[Path, str | None]] = []
+    for path in sorted(folder.rglob("*")):
+        if path.name.startswith("."):
+            continue
+        if path.is_file() and path.name.endswith(VOLUME_SUFFIXES):
+            found.append((path, None))
+        elif path.is_dir():
+            uids = dicom_series(path)
+            found += [(path, uid if len(uids) > 1 else None) for uid in uids]
+    rows, seen = [], set()
+    for path, uid in found:
+        case = str(path.relative_to(folder)).replace("/", "_")
+        case = _case_id(Path(case)) if path.is_file() else case + (f"_{uid}" if uid else "")
+        if case in seen:
+            raise UserError(f"{path}: two images give the case id {case!r} — rename one")
+        seen.add(case)
+        rows.append({"id": case, "image": path, "label": None, "modality": modality, "split": "", "series_uid": uid})
+    return rows
+
+
+def _case_id(path: Path) -> str:
+    for suffix in VOLUME_SUFFIXES:
+        if path.name.endswith(suffix):
+            return path.name[: -len(suffix)]
+    return path.name
+
+
+def _assign_splits(rows: list[dict], val_fraction: float, folds: int | None, seed: int) -> None:
+    """Training rows (split "") → train/val by case, and fold numbers; seeded and order-independent."""
+    pool = sorted((r for r in rows if r["split"] == ""), key=lambda r: r["id"])
+    random.Random(seed).shuffle(pool)
+    n_val = round(val_fraction * len(pool))
+    if val_fraction > 0 and len(pool) >= 2:
+        n_val = max(1, min(n_val, len(pool) - 1))
+    for i, row in enumerate(pool):
+        row["split"] = "val" if i < n_val else "train"
+    if folds:
+        train = [r for r in pool if r["split"] == "train"]
+        if len(train) < folds:
+            raise UserError(f"--folds {folds}: only {len(train)} training cases")
+        for i, row in enumerate(train):
+            row["fold"] = i % folds

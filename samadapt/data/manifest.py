@@ -1,0 +1,246 @@
+"""Manifests: which volumes a stage uses (format in ``data_manifests/README.md``).
+
+JSON Lines or CSV, one case per row: ``id``, ``image``, ``label`` (optional), ``modality`` (MR/CT),
+``split`` (train/val/test or empty), optional ``fold`` (int, from ``data import --folds``) and
+``series_uid`` (DICOM folders with several series). Paths: ``~`` and ``${VAR}`` are expanded
+(``${SAMADAPT_CACHE}`` defaults to the samadapt cache folder), then relative paths resolve against the
+manifest's folder. A sidecar ``<manifest stem>.labels.json`` (or ``labels.json``) names the classes.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from samadapt.data.normalise import MODALITIES, canonical_modality
+from samadapt.errors import UserError
+
+SPLITS = ("train", "val", "test")
+COLUMNS = ("id", "image", "label", "modality", "split", "fold", "series_uid")
+DEMO_MANIFESTS = {"brain": "demo_brain.jsonl", "ssl": "demo_ssl.jsonl"}
+_VARIABLE = re.compile(r"\$\{(\w+)\}|\$(\w+)")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One volume of a manifest (paths absolute)."""
+
+    id: str
+    image: Path
+    label: Path | None
+    modality: str
+    split: str
+    fold: int | None = None
+    series_uid: str | None = None
+
+
+def cache_root() -> Path:
+    """The samadapt cache folder: ``$SAMADAPT_CACHE`` or ``~/.cache/samadapt``."""
+    return Path(os.environ.get("SAMADAPT_CACHE") or Path.home() / ".cache" / "samadapt").expanduser()
+
+
+def expand_path(text: str, base: Path) -> Path:
+    """``${VAR}``/``$VAR`` and ``~`` expanded, relative paths against ``base``; unset variables raise KeyError."""
+    def variable(match: re.Match) -> str:
+        name = match.group(1) or match.group(2)
+        if name == "SAMADAPT_CACHE":
+            return str(cache_root())
+        if name not in os.environ:
+            raise KeyError(name)
+        return os.environ[name]
+
+    path = Path(_VARIABLE.sub(variable, text)).expanduser()
+    return Path(os.path.normpath(path if path.is_absolute() else base / path))
+
+
+def packaged_manifest(name: str) -> Path:
+    """Path of a manifest shipped in ``samadapt.data_manifests`` (works for editable and plain installs)."""
+    return Path(str(resources.files("samadapt.data_manifests") / name))
+
+
+def resolve_manifest(arg: str | os.PathLike) -> Path:
+    """A manifest path, or ``demo:brain`` / ``demo:ssl`` (fetches the demo data first if needed)."""
+    text = str(arg)
+    if text.startswith("demo:"):
+        name = text[len("demo:"):]
+        if name not in DEMO_MANIFESTS:
+            raise UserError(f"data={text}: unknown demo manifest — use {', '.join('demo:' + n for n in DEMO_MANIFESTS)}")
+        from samadapt.data.demo import ensure_demo_data
+
+        ensure_demo_data()
+        return packaged_manifest(DEMO_MANIFESTS[name])
+    path = Path(text).expanduser()
+    if not path.is_file():
+        raise UserError(f"{path}: manifest not found — give a .jsonl/.csv manifest or demo:brain / demo:ssl")
+    return path
+
+
+def read_rows(path: Path) -> list[tuple[int, dict]]:
+    """``(line number, row)`` pairs of a JSON Lines or CSV manifest (blank lines skipped)."""
+    text = path.read_text()
+    rows: list[tuple[int, dict]] = []
+    if path.suffix.lower() == ".csv":
+        reader = csv.DictReader(text.splitlines())
+        for row in reader:
+            rows.append((reader.line_num, {k.strip(): (v or "").strip() for k, v in row.items() if k}))
+        return rows
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path}: line {number} is not valid JSON ({exc.msg})") from None
+        if not isinstance(row, dict):
+            raise UserError(f"{path}: line {number} must be a JSON object with id, image, label, modality, split")
+        rows.append((number, row))
+    return rows
+
+
+def load_manifest(path: str | os.PathLike, split: str | None = None, require_labels: bool = False,
+                  fold: int | None = None) -> list[Case]:
+    """Validated cases of a manifest; every problem is reported at once in one UserError.
+
+    ``split`` keeps only rows of that split. With ``fold=k`` the ``train`` rows are split by their
+    ``fold`` column: ``split="train"`` keeps folds != k, ``split="val"`` keeps fold k."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: manifest not found")
+    rows = read_rows(path)
+    if not rows:
+        raise UserError(f"{path}: empty manifest — add one row per volume (see data_manifests/README.md)")
+    cases, problems, first_row = [], [], {}
+    for number, row in rows:
+        case = _parse_row(row, number, path.parent, problems)
+        if case is None:
+            continue
+        if case.id in first_row:
+            problems.append(f"row {number}: duplicate id {case.id!r} (first in row {first_row[case.id]})")
+        first_row.setdefault(case.id, number)
+        if require_labels and case.label is None and (split is None or case.split == split):
+            problems.append(f"row {number}: case {case.id!r} has no label but this stage needs labels")
+        cases.append(case)
+    if problems:
+        raise UserError(f"{path}: {len(problems)} problem(s) — " + "; ".join(problems))
+    selected = select(cases, split, fold)
+    if not selected:
+        raise UserError(f"{path}: no rows with split={split}" + (f" and fold={fold}" if fold is not None else "")
+                        + f" (splits present: {', '.join(sorted({c.split or '(empty)' for c in cases}))})")
+    return selected
+
+
+def select(cases: list[Case], split: str | None, fold: int | None) -> list[Case]:
+    """Cases of ``split``, with ``fold`` turning train rows into this fold's train/val parts."""
+    if fold is None:
+        return [c for c in cases if split is None or c.split == split]
+    if split not in ("train", "val"):
+        raise UserError(f"fold={fold} needs split=train or split=val")
+    pool = [c for c in cases if c.split == "train"]
+    return [c for c in pool if (c.fold == fold) == (split == "val")]
+
+
+def _parse_row(row: dict, number: int, base: Path, problems: list[str]) -> Case | None:
+    unknown = sorted(set(row) - set(COLUMNS))
+    if unknown:
+        problems.append(f"row {number}: unknown column(s) {', '.join(unknown)} (known: {', '.join(COLUMNS)})")
+    values = {k: ("" if row.get(k) is None else str(row.get(k)).strip()) for k in COLUMNS}
+    if not values["image"]:
+        what = f"label {values['label']} without an image" if values["label"] else "no image"
+        problems.append(f"row {number}: {what}")
+        return None
+    paths = {}
+    for column in ("image", "label"):
+        if not values[column]:
+            continue
+        try:
+            paths[column] = expand_path(values[column], base)
+        except KeyError as exc:
+            problems.append(f"row {number}: {column} {values[column]}: environment variable {exc.args[0]} is not set")
+            continue
+        if not paths[column].exists():
+            problems.append(f"row {number}: {column} {paths[column]} not found")
+    modality = canonical_modality(values["modality"] or "MR")
+    if modality is None:
+        problems.append(f"row {number}: unknown modality {values['modality']!r} (use {' or '.join(MODALITIES)})")
+    if values["split"] and values["split"] not in SPLITS:
+        problems.append(f"row {number}: unknown split {values['split']!r} (use {', '.join(SPLITS)} or leave empty)")
+    fold = None
+    if values["fold"]:
+        try:
+            fold = int(float(values["fold"]))
+        except ValueError:
+            problems.append(f"row {number}: fold {values['fold']!r} is not an integer")
+    if "image" not in paths:
+        return None
+    case_id = values["id"] or _stem(paths["image"])
+    return Case(case_id, paths["image"], paths.get("label"), modality or "MR", values["split"], fold,
+                values["series_uid"] or None)
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def load_label_names(manifest_path: str | os.PathLike) -> dict[int, str] | None:
+    """Class names from ``<stem>.labels.json`` or ``labels.json`` beside the manifest, or None.
+
+    Accepts nnU-Net's ``{"labels": {"background": 0, "brain": 1}}``, MSD's ``{"labels": {"0": ...}}``
+    or a bare mapping of either direction."""
+    manifest_path = Path(manifest_path)
+    for candidate in (manifest_path.with_name(manifest_path.stem + ".labels.json"),
+                      manifest_path.with_name("labels.json")):
+        if candidate.is_file():
+            try:
+                data = json.loads(candidate.read_text())
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{candidate}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+            return _label_mapping(data.get("labels", data) if isinstance(data, dict) else data, candidate)
+    return None
+
+
+def _label_mapping(data: object, path: Path) -> dict[int, str]:
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping of class names and ids")
+    names: dict[int, str] = {}
+    for k, v in data.items():
+        if str(k).lstrip("-").isdigit():
+            names[int(k)] = str(v)
+        elif isinstance(v, int) and not isinstance(v, bool):
+            names[v] = str(k)
+        else:
+            raise UserError(f"{path}: label {k!r}: {v!r} is not an integer class id (region lists are not supported)")
+    return dict(sorted(names.items()))
+
+
+def write_manifest(path: str | os.PathLike, rows: list[dict]) -> Path:
+    """Write rows as JSON Lines (atomically); paths inside the manifest's folder become relative."""
+    from samadapt.runs import write_text
+
+    path = Path(path)
+    lines = []
+    for row in rows:
+        out = {}
+        for column in COLUMNS:
+            value = row.get(column)
+            if column in ("image", "label") and value:
+                value = _relative(Path(value), path.parent.resolve())
+            if value is not None and value != "" or column in ("id", "image", "label", "modality", "split"):
+                out[column] = "" if value is None else value
+        lines.append(json.dumps(out))
+    return write_text(path, "\n".join(lines) + "\n")
+
+
+def _relative(path: Path, base: Path) -> str:
+    try:
+        return os.path.relpath(path.resolve(), base)
+    except ValueError:  # other drive on Windows
+        return str(path.resolve())
