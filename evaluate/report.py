@@ -65,7 +65,10 @@ def score_columns(nsd_tolerance_mm: float) -> dict[str, str]:
 
 
 def case_id(case: Mapping[str, Any]) -> str:
-    """A case's name: its reference file name without image extensions (``sub-01.nii.gz`` → ``sub-01``)."""
+    """A case's name: its manifest id, else its reference file name without image extensions
+    (``sub-01.nii.gz`` → ``sub-01``)."""
+    if case.get("case_id"):
+        return str(case["case_id"])
     name = Path(str(case["reference_file"])).name
     for extension in (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".npy"):
         if name.endswith(extension):

@@ -22,7 +22,7 @@ from samadapt.evaluate.config import EvaluateConfig
 from samadapt.evaluate.inference import PromptSettings, load_model, output_name, predict_case
 from samadapt.evaluate.metrics import case_metrics
 from samadapt.evaluate.report import summarize, write_overlay_png, write_per_case_csv
-from samadapt.runs import StageOutput, begin_stage, finish_stage, input_record, write_json
+from samadapt.runs import StageOutput, begin_stage, finish_stage, write_json
 
 
 def _foreground_dice(entry: dict) -> float:
@@ -31,10 +31,10 @@ def _foreground_dice(entry: dict) -> float:
 
 
 def run(config: EvaluateConfig) -> StageOutput:
-    started = begin_stage(config)
+    manifest = resolve_manifest(config.data)
+    stage_run = begin_stage(config, data=manifest, model=config.model)
     state = PartialState()
     out = Path(config.out)
-    manifest = resolve_manifest(config.data)
     cases = load_manifest(manifest, split=config.split, require_labels=True)
     loaded = load_model(config, config.prompt)
     model = loaded.model.to(state.device)
@@ -70,14 +70,13 @@ def run(config: EvaluateConfig) -> StageOutput:
         write_per_case_csv(summary, out / "per_case.csv", summary["label_names"] or None)
         if config.overlays:
             _write_overlays(entries, cases, out)
-        wall = time.time() - started
+        wall = time.time() - stage_run.started
         metrics = {"cases": len(entries), "foreground_mean": summary["foreground_mean"],
                    "metric_seconds": round(metric_seconds, 3), "metric_share": round(metric_seconds / max(wall, 1e-9), 4),
                    "prompt": loaded.prompt}
         artifacts = {"summary": out / "summary.json", "per_case": out / "per_case.csv",
                      "predictions": out / "predictions"}
-        record = finish_stage("evaluate", config, input_record(data=manifest, model=config.model), artifacts,
-                              metrics, started)
+        record = finish_stage("evaluate", config, stage_run, artifacts, metrics)
         dice = summary["foreground_mean"].get("Dice")
         print(f"evaluate: {len(entries)} cases, foreground mean Dice {dice:.4f} → {out / 'summary.json'}")
     state.wait_for_everyone()

@@ -31,7 +31,7 @@ from samadapt.finetune.segmenter import SamSegmenter
 from samadapt.finetune.strategies import apply_strategy, merge_into_sam, parameter_summary, parameter_summary_line, save_finetuned
 from samadapt.keys import preprocessing
 from samadapt.models.checkpoints import load_sam, save_sam_checkpoint, save_sam_safetensors
-from samadapt.runs import StageOutput, begin_stage, finish_stage, input_record, write_json
+from samadapt.runs import StageOutput, begin_stage, finish_stage, write_json
 from samadapt.training import Trainer, make_accelerator
 
 VALIDATION_FILE = "validation.json"
@@ -101,17 +101,22 @@ class Validator:
         return stop[0]
 
 
-def build_model(config: FinetuneConfig) -> SamSegmenter:
+def build_model(config: FinetuneConfig, save_base_to: Path | None = None) -> SamSegmenter:
+    """SAM with the configured strategy applied; a random base (``checkpoint`` none) is saved first when asked,
+    because its frozen parts are part of the trained model."""
+    torch.manual_seed(config.seed)  # a random base is then the same on every process and after a resume
     sam = load_sam(config.arch, config.checkpoint, image_size=config.image_size)
+    if save_base_to is not None and config.checkpoint is None:
+        save_sam_safetensors(sam, config.arch, save_base_to)
     segmenter = SamSegmenter(sam, config.num_classes, config.prompt, config.grad_checkpointing)
     return apply_strategy(segmenter, config.encoder, config.decoder, config.lora, config.adapter)
 
 
 def run(config: FinetuneConfig) -> StageOutput:
-    started = begin_stage(config)
+    manifest = resolve_manifest(config.data)
+    stage_run = begin_stage(config, data=manifest, checkpoint=config.checkpoint)
     accelerator = make_accelerator(config)
     out = Path(config.out)
-    manifest = resolve_manifest(config.data)
     train_cases = choose_cases(load_manifest(manifest, split=config.split, require_labels=True),
                                config.train_cases, config.seed)
     val_cases = load_manifest(manifest, split=config.val_split, require_labels=True) if config.val_split else []
@@ -121,13 +126,11 @@ def run(config: FinetuneConfig) -> StageOutput:
                           num_classes=config.num_classes, skip_empty=config.skip_empty,
                           empty_fraction=config.empty_fraction, augment=None if use_embeddings else config.augment,
                           seed=config.seed)
-    model = build_model(config)
+    model = build_model(config, out / BASE_WEIGHTS if accelerator.is_main_process else None)
     summary = parameter_summary(model)
     if accelerator.is_main_process:
-        print(f"{config.encoder=} {config.decoder=} {config.prompt=}: {parameter_summary_line(summary)}")
-        if config.checkpoint is None:  # keep the random base: frozen parts are part of the model
-            save_sam_safetensors(model.sam.get_base_model() if hasattr(model.sam, "get_base_model") else model.sam,
-                                 config.arch, out / BASE_WEIGHTS)
+        print(f"strategy encoder={config.encoder} decoder={config.decoder} prompt={config.prompt}: "
+              f"{parameter_summary_line(summary)}")
     dataset = slices
     if use_embeddings:
         with accelerator.main_process_first():
@@ -184,9 +187,9 @@ def run(config: FinetuneConfig) -> StageOutput:
                    "best_val_dice": val.get("best_dice"), "best_step": val.get("best_step"),
                    "trainable_params": summary["trainable"], "total_params": summary["total"],
                    "train_cases": [c.id for c in train_cases],
-                   "train_modalities": sorted({c.modality for c in train_cases}), "resumed_from_step": result.resumed_from}
-        record = finish_stage("finetune", config, input_record(data=manifest, checkpoint=config.checkpoint),
-                              artifacts, metrics, started)
+                   "train_modalities": sorted({c.modality for c in train_cases}), "resumed_from_step": result.resumed_from,
+               "processes": accelerator.num_processes}
+        record = finish_stage("finetune", config, stage_run, artifacts, metrics)
     accelerator.wait_for_everyone()
     return record
 

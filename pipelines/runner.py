@@ -32,10 +32,10 @@ from typing import Any
 
 from samadapt.config import build, iter_keys, parse_overrides, read_yaml, to_dict
 from samadapt.errors import UserError
-from samadapt.runs import STAGE_OUTPUT, sha256_file, versions, write_json
+from samadapt.runs import RUN_CONFIG, STAGE_OUTPUT, inputs_unchanged, versions, write_json
 
 ARTIFACT_FILES: dict[str, dict[str, str]] = {
-    "pretrain": {"sam_checkpoint": "sam_checkpoint.pth", "encoder": "encoder.safetensors"},
+    "pretrain": {"sam_checkpoint": "sam_checkpoint.pth", "sam_safetensors": "sam.safetensors"},
     "finetune": {"adapter": "adapter", "trainable": "trainable.safetensors", "sam_merged": "sam_merged.pth"},
     "evaluate": {"summary": "summary.json", "predictions": "predictions"},
 }
@@ -198,18 +198,18 @@ def _substitute(value: Any, stage: Stage, by_name: dict[str, Stage]) -> Any:
 
 
 def stage_status(config: Any) -> str:
-    """``up to date`` (same config and input hashes as the finished record), ``resume`` or ``run``."""
+    """``up to date`` (same config and input hashes as the finished record), ``resume`` (training states
+    written with the same config and inputs) or ``run``."""
     out = Path(config.out)
-    record_path = out / STAGE_OUTPUT
-    if record_path.is_file():
-        record = json.loads(record_path.read_text())
-        same_inputs = all(
-            entry is None or (Path(entry["path"]).exists() and sha256_file(entry["path"]) == entry["sha256"])
-            for entry in record.get("inputs", {}).values())
-        if record.get("config") == to_dict(config) and same_inputs:
-            return "up to date"
-    if any((out / "state").glob("step_*/progress.json")):
-        return "resume"
+    current = to_dict(config)
+    for name, status in ((STAGE_OUTPUT, "up to date"), (RUN_CONFIG, "resume")):
+        path = out / name
+        if status == "resume" and not any((out / "state").glob("step_*/progress.json")):
+            break
+        if path.is_file():
+            record = json.loads(path.read_text())
+            if record.get("config") == current and inputs_unchanged(record.get("inputs", {})):
+                return status
     return "run"
 
 

@@ -5,7 +5,7 @@ Data (unlabeled slices) → :class:`MaskedAutoencoderSAM` around ``sam.image_enc
 state dict with the new encoder and the input checkpoint's prompt encoder and mask decoder.
 
 Writes ``out/sam_checkpoint.pth`` (official key layout and shapes of ``arch``; loads in stock
-segment_anything), ``out/encoder.safetensors`` (encoder at the trained ``image_size``),
+segment_anything), ``out/sam.safetensors`` (the same SAM at the trained ``image_size``, no resizing on load),
 ``out/metrics.csv``, ``out/previews/step_<N>.png`` and ``out/stage_output.json`` last.
 """
 
@@ -20,11 +20,11 @@ from samadapt.data import SliceDataset, to_sam_input
 from samadapt.data.manifest import load_manifest, resolve_manifest
 from samadapt.errors import UserError
 from samadapt.keys import preprocessing
-from samadapt.models.checkpoints import load_sam, save_safetensors, save_sam_checkpoint
+from samadapt.models.checkpoints import load_sam, save_sam_checkpoint, save_sam_safetensors
 from samadapt.pretrain.config import PretrainConfig
 from samadapt.pretrain.mae import MaskedAutoencoderSAM
 from samadapt.pretrain.preview import write_preview
-from samadapt.runs import StageOutput, begin_stage, finish_stage, input_record
+from samadapt.runs import StageOutput, begin_stage, finish_stage
 from samadapt.training import Trainer, make_accelerator, param_groups
 
 PREVIEW_IMAGES = 4
@@ -55,9 +55,10 @@ def build_dataset(config: PretrainConfig) -> SliceDataset:
 
 
 def run(config: PretrainConfig) -> StageOutput:
-    started = begin_stage(config)
+    stage_run = begin_stage(config, data=resolve_manifest(config.data), checkpoint=config.checkpoint)
     accelerator = make_accelerator(config)
     dataset = build_dataset(config)
+    torch.manual_seed(config.seed)  # checkpoint=none: the same random SAM as a finetune with this seed
     sam = load_sam(config.arch, config.checkpoint, image_size=config.image_size)
     if not hasattr(sam.image_encoder, "blocks") or config.arch == "vit_t":
         raise UserError(f"arch={config.arch}: MAE pretraining needs a plain-ViT encoder (vit_b/l/h/tiny)")
@@ -82,21 +83,18 @@ def run(config: PretrainConfig) -> StageOutput:
     result = trainer.fit(mae, dataset, loss_fn, groups=groups, after_step=after_step, desc="pretrain")
     accelerator.wait_for_everyone()
     artifacts = {"sam_checkpoint": Path(config.out) / "sam_checkpoint.pth",
-                 "encoder": Path(config.out) / "encoder.safetensors", "metrics": Path(config.out) / "metrics.csv"}
+                 "sam_safetensors": Path(config.out) / "sam.safetensors", "metrics": Path(config.out) / "metrics.csv"}
     if accelerator.is_main_process:
         sam = sam.cpu()
         save_sam_checkpoint(sam, config.arch, artifacts["sam_checkpoint"])
-        save_safetensors({k: v.contiguous() for k, v in sam.image_encoder.state_dict().items()},
-                         artifacts["encoder"], metadata={"arch": config.arch, "image_size": str(config.image_size),
-                                                         "prefix": "image_encoder."})
+        save_sam_safetensors(sam, config.arch, artifacts["sam_safetensors"])
     first_loss = float(result.history[0]["loss"]) if result.history else float("nan")
     metrics = {"steps": result.steps, "first_logged_loss": first_loss, "final_loss": result.final_loss,
                "train_seconds": round(result.seconds, 2), "slices": len(dataset),
-               "resumed_from_step": result.resumed_from}
+               "resumed_from_step": result.resumed_from,
+               "processes": accelerator.num_processes}
     record = None
     if accelerator.is_main_process:
-        record = finish_stage("pretrain", config, input_record(data=resolve_manifest(config.data),
-                                                               checkpoint=config.checkpoint),
-                              artifacts, metrics, started)
+        record = finish_stage("pretrain", config, stage_run, artifacts, metrics)
     accelerator.wait_for_everyone()
     return record

@@ -78,10 +78,11 @@ def ensure_writable_dir(path: str | os.PathLike) -> Path:
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file's bytes; for a folder, of its files' relative names and contents."""
+    """Hex sha256 of a file's bytes; for a folder, of its files' relative names and contents — for a stage
+    folder only of ``stage_output.json`` and the artifacts it lists (training states can be gigabytes)."""
     path = Path(path)
     digest = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    files = sorted(_files_to_hash(path)) if path.is_dir() else [path]
     for file in files:
         if path.is_dir():
             digest.update(str(file.relative_to(path)).encode())
@@ -89,6 +90,15 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
             while block := handle.read(chunk):
                 digest.update(block)
     return digest.hexdigest()
+
+
+def _files_to_hash(folder: Path) -> list[Path]:
+    record = folder / STAGE_OUTPUT
+    if not record.is_file():
+        return [p for p in folder.rglob("*") if p.is_file()]
+    listed = [folder / name for name in json.loads(record.read_text()).get("artifacts", {}).values()]
+    return [record, *(p for entry in listed for p in ([entry] if entry.is_file() else entry.rglob("*"))
+                      if p.is_file())]
 
 
 def versions() -> dict[str, str]:
@@ -127,39 +137,57 @@ class StageOutput:
     ok: bool = True
 
 
-def begin_stage(config: Any) -> float:
-    """Make ``config.out`` usable and mark it incomplete (drop an old record); returns the start time.
+@dataclass
+class StageRun:
+    """A started stage: its start time and the hashes of the inputs it reads."""
 
-    Training states in ``out/state/`` are only resumed by the same config: the config of the run that
-    wrote them is kept in ``out/run_config.json``; a different config discards them."""
+    started: float
+    inputs: dict[str, dict[str, str] | None]
+
+
+def begin_stage(config: Any, **input_paths: str | os.PathLike | None) -> StageRun:
+    """Make ``config.out`` usable, mark it incomplete (drop an old record) and hash the inputs.
+
+    Training states in ``out/state/`` are only resumed by the same config *and* the same input files: both
+    are kept in ``out/run_config.json`` by the run that wrote the states; anything else discards them."""
     from samadapt.config import to_dict
 
     out = ensure_writable_dir(config.out)
     (out / STAGE_OUTPUT).unlink(missing_ok=True)
-    current = to_dict(config)
+    inputs = input_record(**input_paths)
+    current = {"config": to_dict(config), "inputs": inputs}
     previous_path = out / RUN_CONFIG
     if previous_path.is_file() and json.loads(previous_path.read_text()) != current:
         if (out / "state").is_dir():
-            print(f"{out}: config changed since the saved training states — starting over")
+            print(f"{out}: config or inputs changed since the saved training states — starting over")
             shutil.rmtree(out / "state", ignore_errors=True)  # other processes may race here
     write_json(previous_path, current)
-    return time.time()
+    return StageRun(started=time.time(), inputs=inputs)
 
 
 def input_record(**paths: str | os.PathLike | None) -> dict[str, dict[str, str] | None]:
     """``{name: {"path", "sha256"}}`` of a stage's input files/folders (None stays None)."""
+    for name, p in paths.items():
+        if p is not None and not Path(p).exists():
+            raise UserError(f"{p}: {name} not found")
     return {name: None if p is None else {"path": str(p), "sha256": sha256_file(p)} for name, p in paths.items()}
 
 
-def finish_stage(stage: str, config: Any, inputs: dict[str, Any], artifacts: dict[str, str | os.PathLike],
-                 metrics: dict[str, Any], started: float) -> StageOutput:
+def inputs_unchanged(inputs: dict[str, dict[str, str] | None]) -> bool:
+    """Whether every recorded input still exists with the recorded sha256."""
+    return all(entry is None or (Path(entry["path"]).exists() and sha256_file(entry["path"]) == entry["sha256"])
+               for entry in inputs.values())
+
+
+def finish_stage(stage: str, config: Any, run: StageRun, artifacts: dict[str, str | os.PathLike],
+                 metrics: dict[str, Any]) -> StageOutput:
     """Write ``stage_output.json`` (config, input hashes, artifacts relative to out, metrics, wall time)."""
     from samadapt.config import to_dict
 
     out = Path(config.out)
     relative = {name: os.path.relpath(path, out) for name, path in artifacts.items()}
     write_stage_output(out, {
-        "stage": stage, "config": to_dict(config), "inputs": inputs, "artifacts": relative,
-        "metrics": metrics, "wall_time_s": round(time.time() - started, 2),
+        "stage": stage, "config": to_dict(config), "inputs": run.inputs, "artifacts": relative,
+        "metrics": metrics, "wall_time_s": round(time.time() - run.started, 2),
     })
     return StageOutput(stage=stage, out_dir=out, artifacts=relative, metrics=metrics)

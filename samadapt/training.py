@@ -2,9 +2,10 @@
 
 It steps, logs, checkpoints, resumes and runs multi-process through Hugging Face Accelerate:
 - one *step* = one optimiser update = ``grad_accumulation`` micro-batches per process;
-- the data order is a pure function of (seed, epoch) and the learning rate a pure function of the step,
-  so a training state only needs the step number besides what ``accelerator.save_state`` stores
-  (weights, optimiser, RNG states): resuming a killed run replays exactly the same batches;
+- the data order is a pure function of (seed, epoch), the learning rate and the global torch seed pure
+  functions of the step, so a training state only needs the step number besides what
+  ``accelerator.save_state`` stores (weights, optimiser): resuming a killed run replays exactly the
+  same batches and random draws;
 - ``out/state/step_<N>/`` is written to a temporary folder and renamed, so a state folder that exists is
   complete; the newest one is resumed from when the same command runs again.
 """
@@ -65,6 +66,9 @@ class EpochSampler(Sampler[int]):
     def __len__(self) -> int:
         return self.num_items
 
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         if self.weights is None:
@@ -72,6 +76,11 @@ class EpochSampler(Sampler[int]):
         else:
             order = torch.multinomial(self.weights, self.num_items, replacement=True, generator=generator)
         return iter(order.tolist())
+
+
+def step_seed(seed: int, micro_batch: int, process: int) -> int:
+    """The global torch seed of one micro-batch on one process."""
+    return (seed * 1_000_003 + micro_batch * 1_009 + process) % 2**63
 
 
 def lr_factor(step: int, total: int, warmup: int) -> float:
@@ -149,16 +158,18 @@ class Trainer:
         return json.loads((newest / PROGRESS_FILE).read_text())["step"]
 
     # ---------------------------------------------------------------- data
-    def _batches(self, loader: DataLoader, sampler: EpochSampler, first_micro: int) -> Iterator[Any]:
+    def _batches(self, loader: DataLoader, first_micro: int) -> Iterator[Any]:
         """Micro-batches forever, starting at micro-batch ``first_micro`` of the seeded epoch sequence."""
         per_epoch = len(loader)
         epoch, skip = divmod(first_micro, per_epoch)
         while True:
-            sampler.epoch = epoch
-            dataset = loader.dataset
-            if hasattr(dataset, "set_epoch"):  # per-item augmentation seeds follow the epoch too
-                dataset.set_epoch(epoch)
-            yield from (self.accelerator.skip_first_batches(loader, skip) if skip else loader)
+            current = self.accelerator.skip_first_batches(loader, skip) if skip else loader
+            # Accelerate's loaders own the epoch and pass it to the sampler when iterated (a resumed loader
+            # would restart at its own epoch 0); the dataset's augmentation seeds follow it too.
+            current.set_epoch(epoch)
+            if hasattr(loader.dataset, "set_epoch"):
+                loader.dataset.set_epoch(epoch)
+            yield from current
             epoch, skip = epoch + 1, 0
 
     # ---------------------------------------------------------------- loop
@@ -194,7 +205,7 @@ class Trainer:
         start = self._resume()
         history = self._read_history(start)
         params = [p for g in optimizer.param_groups for p in g["params"]]
-        stream = self._batches(loader, sampler, start * keys.grad_accumulation)
+        stream = self._batches(loader, start * keys.grad_accumulation)
 
         bar = tqdm(total=keys.steps, initial=start, desc=desc, disable=not acc.is_main_process,
                    dynamic_ncols=True, mininterval=1.0)
@@ -209,6 +220,9 @@ class Trainer:
             loss_sum = torch.zeros((), device=acc.device)
             for micro in range(keys.grad_accumulation):
                 batch = next(stream)
+                # Masks, dropout and prompt jitter come from the global RNG seeded per micro-batch *after*
+                # fetching it (a new DataLoader iterator draws from that RNG): a resumed run draws the same.
+                torch.manual_seed(step_seed(keys.seed, step * keys.grad_accumulation + micro, acc.process_index))
                 last = micro == keys.grad_accumulation - 1
                 with (acc.no_sync(model) if not last else contextlib.nullcontext()), acc.autocast():
                     loss, logs = loss_fn(model, batch)
@@ -234,8 +248,12 @@ class Trainer:
             bar.update(1)
             if step % keys.save_every == 0 and step < keys.steps:
                 self._save_state(step)
-            if after_step is not None and after_step(step, model, logs):
-                break
+            if after_step is not None:
+                hook_start = time.perf_counter()
+                stop = after_step(step, model, logs)
+                window_start += time.perf_counter() - hook_start  # validation/previews are not training time
+                if stop:
+                    break
         bar.close()
         return TrainResult(steps=step, resumed_from=start or None, final_loss=loss_value,
                            seconds=time.perf_counter() - t0, history=history)

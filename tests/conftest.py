@@ -43,14 +43,28 @@ def demo_dir() -> Path:
     return ensure_demo_data(log=lambda message: None)
 
 
+def resample_to(source: Path, target: Path, spacing_mm: float, nearest: bool) -> Path:
+    """``source`` resampled to isotropic ``spacing_mm`` (same origin and direction), written to ``target``."""
+    import SimpleITK as sitk
+
+    image = sitk.ReadImage(str(source))
+    size = [max(1, round(n * s / spacing_mm)) for n, s in zip(image.GetSize(), image.GetSpacing())]
+    resampled = sitk.Resample(image, size, sitk.Transform(), sitk.sitkNearestNeighbor if nearest else sitk.sitkLinear,
+                              image.GetOrigin(), [spacing_mm] * 3, image.GetDirection(), 0, image.GetPixelID())
+    sitk.WriteImage(resampled, str(target))
+    return target
+
+
 @pytest.fixture(scope="session")
 def small_manifests(demo_dir, tmp_path_factory) -> dict[str, Path]:
-    """Manifests over the demo's smallest real volumes, for fast stage tests:
-    ssl = MNI152 T1 at 2 mm (unlabeled); brain = train MNI152 2 mm, val/test Colin27 (another subject)."""
+    """Manifests over small real volumes, for fast stage tests: ssl = MNI152 T1 at 2 mm (unlabeled);
+    brain = train MNI152 2 mm, val/test Colin27 (another subject) resampled to 2.5 mm."""
     folder = tmp_path_factory.mktemp("manifests")
     mni = {"image": str(demo_dir / "tpl-MNI152NLin6Asym_res-02_T1w.nii.gz"),
            "label": str(demo_dir / "tpl-MNI152NLin6Asym_res-02_desc-brain_mask.nii.gz")}
-    colin = {"image": str(demo_dir / "ch2.nii.gz"), "label": str(demo_dir / "ch2_brain_mask.nii.gz")}
+    colin = {"image": str(resample_to(demo_dir / "ch2.nii.gz", folder / "colin27.nii.gz", 2.5, nearest=False)),
+             "label": str(resample_to(demo_dir / "ch2_brain_mask.nii.gz", folder / "colin27_mask.nii.gz", 2.5,
+                                      nearest=True))}
     rows = {
         "ssl": [{"id": "mni2mm", "image": mni["image"], "label": "", "modality": "MR", "split": "train"}],
         "brain": [{"id": "mni2mm", **mni, "modality": "MR", "split": "train"},
@@ -63,3 +77,16 @@ def small_manifests(demo_dir, tmp_path_factory) -> dict[str, Path]:
         paths[name].write_text("".join(json.dumps(e) + "\n" for e in entries))
     (folder / "labels.json").write_text(json.dumps({"labels": {"background": 0, "brain": 1}}))
     return paths
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A randomly initialised vit_tiny SAM saved in the official ``.pth`` layout (stands in for real weights)."""
+    import torch
+
+    from samadapt.models.checkpoints import save_sam_checkpoint
+    from samadapt.models.registry import build_sam
+
+    torch.manual_seed(7)
+    return save_sam_checkpoint(build_sam("vit_tiny", 256), "vit_tiny",
+                               tmp_path_factory.mktemp("checkpoints") / "sam_vit_tiny_random.pth")

@@ -73,7 +73,8 @@ def test_empty_fraction_skip_empty_and_sampler(tmp_path):
     assert sorted(item["slice"] for item in labelled_only) == [3, 4, 5, 6]
     with_empty = SliceDataset([case], PREP, cache_dir=tmp_path / "c", empty_fraction=1.0, skip_empty=0.01)
     assert sorted(item["slice"] for item in with_empty) == [2, 3, 4, 5, 6, 7]  # blank slices 0,1,8,9 dropped
-    draws = list(with_empty.sampler(num_samples=3000))
+    draws = torch.multinomial(with_empty.sample_weights(), 3000, replacement=True,
+                              generator=torch.Generator().manual_seed(0)).tolist()
     slices = [with_empty.items[i][1] for i in draws]
     share_small = np.mean([s == 4 for s in slices])
     assert share_small > 0.3  # the one slice with class 2 gets a class's share, not 1/6
@@ -94,6 +95,9 @@ def test_unlabeled_all_planes_and_augmentation(tmp_path):
     assert not torch.equal(a["image"], b["image"])
     assert 0.0 <= b["image"].min() and b["image"].max() <= 1.0
     assert set(b["label"].unique().tolist()) <= {0, 1, 2}  # nearest-neighbour labels stay integers
+    assert torch.equal(augmented[1]["image"], b["image"])  # fixed by (seed, epoch, item): resumable
+    augmented.set_epoch(1)
+    assert not torch.equal(augmented[1]["image"], b["image"])  # a new epoch draws new augmentations
 
 
 def test_dataloader_with_two_workers(tmp_path):

@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, WeightedRandomSampler
+from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from samadapt.data.augment import AugmentConfig, augment, build_transform
@@ -51,7 +51,11 @@ class SliceDataset(Dataset):
         self.num_classes = num_classes if num_classes is not None else (max(values, default=0) + 1 if labeled else None)
         self.items = self._select(skip_empty, empty_fraction)
         self._transform = build_transform(augment, labeled) if augment is not None else None
-        self._calls = 0
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by the training loop before each epoch: new augmentations every epoch."""
+        self.epoch = epoch
 
     def _select(self, skip_empty: float, empty_fraction: float) -> list[tuple[int, int]]:
         rng = np.random.default_rng(self.seed)
@@ -77,9 +81,9 @@ class SliceDataset(Dataset):
         image = entry.image(i)
         label = entry.label(i) if self.labeled else None
         if self._transform is not None:
-            self._calls += 1
-            # torch.initial_seed differs per DataLoader worker and epoch; the call count per process.
-            seed = (torch.initial_seed() + 1_000_003 * index + 7919 * self._calls + self.seed) % 2**32
+            # A pure function of (seed, epoch, item): the same in every DataLoader worker and process, and
+            # the same again after a resumed run replays this epoch.
+            seed = (self.seed * 1_000_003 + self.epoch * 7919 + index) % 2**32
             image, label = augment(self._transform, image, label, seed)
         item = {"image": torch.from_numpy(np.ascontiguousarray(image))[None], "case_id": case.id, "slice": i,
                 "plane": entry.mapping.plane}
@@ -91,16 +95,15 @@ class SliceDataset(Dataset):
         """Per item: the foreground classes on that slice (empty set = background only)."""
         return [{int(c) for c in self.entries[e][1].index["class_counts"][i]} for e, i in self.items]
 
-    def sampler(self, num_samples: int | None = None) -> WeightedRandomSampler:
-        """A seeded sampler giving every class (and the empty slices as one group) about the same share
-        of draws, so small structures are seen as often as large ones."""
+    def sample_weights(self) -> torch.Tensor:
+        """Per-item draw weights giving every class (and the empty slices as one group) about the same
+        share of draws, so small structures are seen as often as large ones (the training loop's seeded
+        sampler draws with them)."""
         if not self.labeled:
-            raise ValueError("sampler() balances classes and needs labeled=True")
+            raise ValueError("sample_weights() balances classes and needs labeled=True")
         groups = [present or {0} for present in self.class_presence()]
         totals: dict[int, int] = {}
         for present in groups:
             for c in present:
                 totals[c] = totals.get(c, 0) + 1
-        weights = torch.tensor([max(1.0 / totals[c] for c in present) for present in groups], dtype=torch.double)
-        generator = torch.Generator().manual_seed(self.seed)
-        return WeightedRandomSampler(weights, num_samples or len(self), replacement=True, generator=generator)
+        return torch.tensor([max(1.0 / totals[c] for c in present) for present in groups], dtype=torch.double)

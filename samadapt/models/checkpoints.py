@@ -126,7 +126,7 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadat
 def detect_arch(state_dict: dict[str, torch.Tensor]) -> str | None:
     """The arch a SAM state dict belongs to, from its keys and shapes; None if it matches none.
 
-    Accepts full SAM keys (``image_encoder.…``) and image-encoder-only keys (our ``encoder.safetensors``).
+    Accepts full SAM keys (``image_encoder.…``) and image-encoder-only keys.
     Plain ViTs are told apart by patch-embedding width and block count, TinyViT by its stage layout."""
     prefix = "image_encoder." if any(name.startswith("image_encoder.") for name in state_dict) else ""
     patch_proj = state_dict.get(prefix + "patch_embed.proj.weight")

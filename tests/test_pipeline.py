@@ -1,0 +1,136 @@
+"""``samadapt run`` through the real CLI: a tiny pretrain → finetune → evaluate pipeline on real MRI that skips
+what is up to date, reruns exactly what a change touches, and resumes a stage killed mid-training."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import assert_one_line_error, run_cli
+
+
+def write_pipeline(folder: Path, manifests, checkpoint, **stage_overrides) -> Path:
+    spec = {
+        "name": "tiny",
+        "defaults": {"arch": "vit_tiny", "image_size": 256, "seed": 0, "batch_size": 4},
+        "stages": {
+            "pretrain": {"command": "pretrain", "config": {
+                "data": str(manifests["ssl"]), "checkpoint": str(checkpoint), "steps": 4, "save_every": 2,
+                "warmup_steps": 0, "variant": "mask_token", "preview_every": 0}},
+            "finetune": {"command": "finetune", "config": {
+                "data": str(manifests["brain"]), "checkpoint": "${pretrain.sam_checkpoint}", "num_classes": 2,
+                "steps": 12, "save_every": 3, "val_every": 12, "lr": 1e-3, "warmup_steps": 0}},
+            "evaluate": {"command": "evaluate", "config": {
+                "model": "${finetune.dir}", "data": str(manifests["brain"]), "split": "test", "overlays": False}},
+        },
+        "compare": ["evaluate"],
+    }
+    for stage, config in stage_overrides.items():
+        spec["stages"][stage]["config"].update(config)
+    path = folder / "tiny.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def statuses(stdout: str) -> dict[str, str]:
+    """{stage: 'skipped' | 'running' | 'resuming'} from the runner's progress lines."""
+    found = {}
+    for line in stdout.splitlines():
+        if line.startswith("[") and "]" in line:
+            stage, rest = line[1:].split("]", 1)
+            for word in ("up to date", "running", "resuming"):
+                if rest.strip().startswith(word):
+                    found[stage] = word
+    return found
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(small_manifests, tiny_checkpoint, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("pipeline")
+    path = write_pipeline(folder, small_manifests, tiny_checkpoint)
+    runs = folder / "runs"
+    first = run_cli("run", path, "--runs-dir", runs)
+    return path, runs, first
+
+
+def test_first_run_runs_every_stage_and_writes_the_bundle(pipeline_run):
+    _, runs, first = pipeline_run
+    assert statuses(first.stdout) == {"pretrain": "running", "finetune": "running", "evaluate": "running"}
+    bundle = json.loads((runs / "pipeline.json").read_text())
+    assert bundle["stages"]["finetune"]["checkpoint"] == str(runs / "pretrain" / "sam_checkpoint.pth")
+    assert (runs / "compare.md").is_file() and "evaluate" in (runs / "compare.md").read_text()
+
+
+def test_rerun_skips_what_is_up_to_date_and_reruns_what_changed(pipeline_run):
+    path, runs, _ = pipeline_run
+    again = run_cli("run", path, "--runs-dir", runs)
+    assert statuses(again.stdout) == {"pretrain": "up to date", "finetune": "up to date", "evaluate": "up to date"}
+
+    evaluated_before = (runs / "evaluate" / "stage_output.json").read_text()
+    (runs / "evaluate" / "stage_output.json").unlink()  # as if evaluate had crashed
+    only_evaluate = run_cli("run", path, "--runs-dir", runs)
+    assert statuses(only_evaluate.stdout) == {"pretrain": "up to date", "finetune": "up to date",
+                                              "evaluate": "running"}
+    assert json.loads(evaluated_before)["metrics"]["foreground_mean"] == json.loads(
+        (runs / "evaluate" / "stage_output.json").read_text())["metrics"]["foreground_mean"]
+
+    changed = run_cli("run", path, "--runs-dir", runs, "finetune.lr=2e-3")
+    assert statuses(changed.stdout) == {"pretrain": "up to date", "finetune": "running", "evaluate": "running"}
+    assert json.loads((runs / "finetune" / "stage_output.json").read_text())["config"]["lr"] == 2e-3
+
+
+def test_killed_stage_resumes_and_downstream_reruns(small_manifests, tiny_checkpoint, tmp_path):
+    path = write_pipeline(tmp_path, small_manifests, tiny_checkpoint)
+    runs = tmp_path / "runs"
+    process = subprocess.Popen([sys.executable, "-m", "samadapt", "run", str(path), "--runs-dir", str(runs)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (runs / "finetune" / "state" / "step_3" / "progress.json").is_file():
+        assert process.poll() is None and time.time() < deadline, "the pipeline ended before finetune saved a state"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (runs / "finetune" / "stage_output.json").exists()
+
+    dry = run_cli("run", path, "--runs-dir", runs, "--dry-run")
+    assert [line.split()[:3] for line in dry.stdout.splitlines()] == [
+        ["pretrain", "pretrain", "up"], ["finetune", "finetune", "resume"], ["evaluate", "evaluate", "run"]]
+    resumed = run_cli("run", path, "--runs-dir", runs)
+    assert statuses(resumed.stdout) == {"pretrain": "up to date", "finetune": "resuming", "evaluate": "running"}
+    metrics = json.loads((runs / "finetune" / "stage_output.json").read_text())["metrics"]
+    assert metrics["resumed_from_step"] >= 3 and metrics["steps"] == 12
+
+
+def test_from_and_until_select_stages(pipeline_run):
+    path, runs, _ = pipeline_run
+    until = run_cli("run", path, "--runs-dir", runs, "--until", "pretrain", "--force")
+    assert statuses(until.stdout) == {"pretrain": "running"}
+    # pretrain was rerun (its checkpoint is rewritten, so its hash may change): finetune depends on it
+    started = run_cli("run", path, "--runs-dir", runs, "--from", "evaluate", "--dry-run")
+    assert [line.split()[0] for line in started.stdout.splitlines()] == ["evaluate"]
+
+
+def test_pipeline_spec_errors_are_one_line(tmp_path, small_manifests, tiny_checkpoint):
+    cyclic = write_pipeline(tmp_path, small_manifests, tiny_checkpoint,
+                            pretrain={"checkpoint": "${finetune.sam_merged}"})
+    assert_one_line_error(run_cli("run", cyclic, "--dry-run", expect=None), "cycle")
+    unknown = write_pipeline(tmp_path, small_manifests, tiny_checkpoint, finetune={"checkpoint": "${pretrian.dir}"})
+    assert_one_line_error(run_cli("run", unknown, "--dry-run", expect=None), "pretrian")
+    good = write_pipeline(tmp_path, small_manifests, tiny_checkpoint)
+    assert_one_line_error(run_cli("run", good, "--dry-run", "finetune.lrr=1", expect=None), "lrr")
+    assert_one_line_error(run_cli("run", tmp_path / "missing.yaml", expect=None), "missing.yaml")
+
+
+def test_strategy_grid_expands_its_matrix(tmp_path):
+    result = run_cli("run", "strategy_grid", "--dry-run", "--runs-dir", tmp_path)
+    names = [line.split()[0] for line in result.stdout.splitlines() if line.strip()]
+    finetunes = [n for n in names if n.startswith("finetune/")]
+    assert len(finetunes) == len(set(finetunes)) >= 6
+    assert any("vit_b" in n and "lora" in n for n in finetunes)

@@ -1,0 +1,140 @@
+"""``samadapt finetune`` → ``evaluate`` / ``predict`` through the real CLI on real MRI (tiny model, few steps)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from conftest import assert_one_line_error, run_cli
+
+
+def finetune_args(data: Path, checkpoint, out: Path, **extra) -> list[str]:
+    keys = {"arch": "vit_tiny", "image_size": 256, "checkpoint": checkpoint, "data": data, "out": out,
+            "num_classes": 2, "steps": 16, "batch_size": 4, "lr": 1e-3, "warmup_steps": 0, "save_every": 8,
+            "val_every": 8, "log_every": 1, "encoder": "lora", "decoder": "full", "prompt": "none", **extra}
+    return ["finetune", *(f"{k}={v}" for k, v in keys.items())]
+
+
+def record_of(folder: Path) -> dict:
+    return json.loads((folder / "stage_output.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def finetuned(small_manifests, tiny_checkpoint, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("finetune") / "run"
+    run_cli(*finetune_args(small_manifests["brain"], tiny_checkpoint, out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def evaluated(finetuned, small_manifests, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("evaluate") / "run"
+    run_cli("evaluate", f"model={finetuned}", f"data={small_manifests['brain']}", "split=test", f"out={out}")
+    return out
+
+
+def test_finetune_learns_and_saves_only_what_it_trained(finetuned):
+    record = record_of(finetuned)
+    metrics = record["metrics"]
+    assert metrics["steps"] == 16 and metrics["train_cases"] == ["mni2mm"] and metrics["val_volumes"] == 1
+    with open(finetuned / "metrics.csv", newline="") as handle:
+        loss = [float(row["loss"]) for row in csv.DictReader(handle)]
+    assert len(loss) == 16 and np.mean(loss[-4:]) < 0.8 * np.mean(loss[:4]), loss
+    validation = json.loads((finetuned / "validation.json").read_text())
+    assert validation["best_step"] in (8, 16) and 0.0 <= validation["best_dice"] <= 1.0
+    assert metrics["best_val_dice"] == validation["best_dice"]
+    with safe_open(str(finetuned / "trainable.safetensors"), "pt") as handle:
+        names = list(handle.keys())
+    with safe_open(str(finetuned / "adapter" / "adapter_model.safetensors"), "pt") as handle:
+        adapter_names = list(handle.keys())
+    # The full mask decoder beside the LoRA adapter (peft's own folder); never the frozen encoder weights.
+    assert any(n.startswith("sam.mask_decoder.") for n in names)
+    assert not any(n.startswith("sam.image_encoder.") for n in names)
+    assert adapter_names and all("lora_" in n and "image_encoder" in n for n in adapter_names)
+    assert (finetuned / "adapter" / "adapter_config.json").is_file()  # peft's own format
+
+
+def test_evaluate_writes_nnunet_style_summary_and_masks_in_input_geometry(evaluated, small_manifests):
+    summary = json.loads((evaluated / "summary.json").read_text())
+    with open(evaluated / "per_case.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(row["case"], row["label_name"]) for row in rows] == [("colin27_test", "brain")]
+    assert summary["label_names"] == {"0": "background", "1": "brain"}
+    per_case = summary["metric_per_case"]
+    assert len(per_case) == 1 and per_case[0]["reference_file"].endswith("colin27_mask.nii.gz")
+    dice = per_case[0]["metrics"]["1"]["Dice"]
+    assert 0.0 <= dice <= 1.0
+    assert summary["foreground_mean"]["Dice"] == pytest.approx(dice)
+    assert float(rows[0]["dice"]) == pytest.approx(dice, abs=1e-6)
+
+    source = nib.load(json.loads(small_manifests["brain"].read_text().splitlines()[2])["image"])
+    prediction = nib.load(per_case[0]["prediction_file"])
+    assert prediction.shape == source.shape
+    np.testing.assert_allclose(prediction.affine, source.affine, atol=1e-4)
+    values = set(np.unique(np.asarray(prediction.dataobj)).tolist())
+    assert values <= {0, 1}
+    # The stored Dice is the Dice of the written mask against the reference.
+    reference = np.asarray(nib.load(per_case[0]["reference_file"]).dataobj) > 0
+    predicted = np.asarray(prediction.dataobj) > 0
+    recomputed = 2 * (reference & predicted).sum() / (reference.sum() + predicted.sum())
+    assert dice == pytest.approx(recomputed, abs=1e-4)
+    assert any((evaluated / "overlays").glob("*.png"))
+
+
+def test_predict_writes_one_mask_per_image(finetuned, small_manifests, tmp_path):
+    image = json.loads(small_manifests["brain"].read_text().splitlines()[0])["image"]
+    run_cli("predict", f"model={finetuned}", f"input={image}", f"out={tmp_path / 'pred'}")
+    written = list((tmp_path / "pred").glob("*.nii.gz"))
+    assert len(written) == 1
+    assert nib.load(written[0]).shape == nib.load(image).shape
+
+
+def test_frozen_encoder_with_box_prompts_uses_the_embedding_cache_and_exports_merged_sam(
+        small_manifests, tiny_checkpoint, tmp_path):
+    out = tmp_path / "frozen"
+    result = run_cli(*finetune_args(small_manifests["brain"], tiny_checkpoint, out, encoder="frozen", prompt="box",
+                                    steps=6, val_every=6, save_every=3, export_merged="true",
+                                    cache_dir=tmp_path / "cache"))
+    assert "embedding cache:" in result.stdout
+    merged = torch.load(out / "sam_merged.pth", map_location="cpu", weights_only=True)
+    base = torch.load(tiny_checkpoint, map_location="cpu", weights_only=True)
+    assert set(merged) == set(base)
+    assert all(torch.equal(merged[k], base[k]) for k in base if k.startswith("image_encoder."))
+    assert any(not torch.equal(merged[k], base[k]) for k in base if k.startswith("mask_decoder."))
+    # A merged checkpoint is a plain SAM: evaluate takes it as model= with box prompts.
+    evaluated = tmp_path / "eval_merged"
+    run_cli("evaluate", f"model={out / 'sam_merged.pth'}", "arch=vit_tiny", "image_size=256", "num_classes=2",
+            "prompt=box", f"data={small_manifests['brain']}", f"out={evaluated}", "overlays=false")
+    assert record_of(evaluated)["metrics"]["cases"] == 1
+
+
+def test_labels_beyond_num_classes_are_refused_naming_the_file(small_manifests, tiny_checkpoint, tmp_path):
+    row = json.loads(small_manifests["brain"].read_text().splitlines()[0])
+    mask = nib.load(row["label"])
+    bad = tmp_path / "three_classes.nii.gz"
+    nib.save(nib.Nifti1Image((np.asarray(mask.dataobj) > 0).astype(np.uint8) * 3, mask.affine), bad)
+    manifest = tmp_path / "bad.jsonl"
+    manifest.write_text(json.dumps({**row, "label": str(bad)}) + "\n")
+    result = run_cli(*finetune_args(manifest, tiny_checkpoint, tmp_path / "out", val_split="none"), expect=None)
+    assert_one_line_error(result, "three_classes.nii.gz", "num_classes")
+    assert not (tmp_path / "out" / "stage_output.json").exists()
+
+
+def test_unknown_lora_target_is_refused(small_manifests, tiny_checkpoint, tmp_path):
+    result = run_cli(*finetune_args(small_manifests["brain"], tiny_checkpoint, tmp_path / "out",
+                                    **{"lora.targets": "qkv,nonexistent"}), expect=None)
+    assert_one_line_error(result, "nonexistent")
+
+
+def test_evaluate_refuses_a_folder_that_is_not_a_finished_run(small_manifests, tmp_path):
+    (tmp_path / "half").mkdir()
+    result = run_cli("evaluate", f"model={tmp_path / 'half'}", f"data={small_manifests['brain']}",
+                     f"out={tmp_path / 'ev'}", expect=None)
+    assert_one_line_error(result, "half")

@@ -1,0 +1,122 @@
+"""``samadapt pretrain`` through the real CLI on real MRI (tiny model, few steps): it learns, exports weights
+that load as SAM, resumes a killed run exactly, and runs as two processes through ``accelerate launch``."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import assert_one_line_error, run_cli
+
+
+def pretrain_args(manifests, checkpoint, out: Path, **extra) -> list[str]:
+    keys = {"arch": "vit_tiny", "image_size": 256, "checkpoint": checkpoint, "data": manifests["ssl"], "out": out,
+            "steps": 12, "batch_size": 4, "lr": 1e-3, "warmup_steps": 0, "save_every": 4, "log_every": 1,
+            "preview_every": 6, "variant": "mask_token", **extra}
+    return ["pretrain", *(f"{k}={v}" for k, v in keys.items())]
+
+
+def losses(out: Path) -> dict[int, float]:
+    with open(out / "metrics.csv", newline="") as handle:
+        return {int(row["step"]): float(row["loss"]) for row in csv.DictReader(handle)}
+
+
+def sam_state(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def pretrained(small_manifests, tiny_checkpoint, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("pretrain") / "run"
+    run_cli(*pretrain_args(small_manifests, tiny_checkpoint, out))
+    return out
+
+
+def test_pretrain_learns_and_exports_a_sam_checkpoint(pretrained, tiny_checkpoint):
+    record = json.loads((pretrained / "stage_output.json").read_text())
+    assert record["stage"] == "pretrain" and record["metrics"]["steps"] == 12
+    loss = losses(pretrained)
+    assert sorted(loss) == list(range(1, 13))
+    first, last = sum(loss[s] for s in (1, 2, 3)) / 3, sum(loss[s] for s in (10, 11, 12)) / 3
+    assert last < 0.9 * first, loss
+    assert sorted(p.name for p in (pretrained / "previews").iterdir()) == ["step_000006.png", "step_000012.png"]
+
+    before, after = sam_state(tiny_checkpoint), sam_state(pretrained / "sam_checkpoint.pth")
+    assert set(before) == set(after) and all(before[k].shape == after[k].shape for k in before)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert any(k.startswith("image_encoder.blocks.") for k in changed)
+    # MAE trains only the encoder: SAM's prompt encoder and mask decoder leave exactly as they came in.
+    assert not any(k.startswith(("prompt_encoder.", "mask_decoder.")) for k in changed)
+
+    from samadapt.models.checkpoints import load_sam
+
+    from_safetensors = load_sam("vit_tiny", pretrained / "sam.safetensors").state_dict()
+    from_pth = load_sam("vit_tiny", pretrained / "sam_checkpoint.pth").state_dict()
+    assert all(torch.equal(from_safetensors[k], from_pth[k]) for k in from_pth)
+
+
+def test_killed_pretrain_resumes_and_matches_an_uninterrupted_run(pretrained, small_manifests, tiny_checkpoint,
+                                                                   tmp_path):
+    out = tmp_path / "killed"
+    args = pretrain_args(small_manifests, tiny_checkpoint, out)
+    process = subprocess.Popen([sys.executable, "-m", "samadapt", *map(str, args)], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (out / "state" / "step_4" / "progress.json").is_file():
+        assert process.poll() is None and time.time() < deadline, "pretrain ended before its first state"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (out / "stage_output.json").exists()  # a killed run never looks finished
+
+    result = run_cli(*args)
+    record = json.loads((out / "stage_output.json").read_text())
+    resumed = record["metrics"]["resumed_from_step"]
+    assert resumed in (4, 8), result.stdout
+    # Same batches, masks and RNG after the resume: the losses and the exported weights equal the
+    # uninterrupted run's.
+    reference, again = losses(pretrained), losses(out)
+    assert sorted(again) == list(range(1, 13))
+    for step in range(resumed + 1, 13):
+        assert again[step] == pytest.approx(reference[step], rel=1e-4, abs=1e-5), (step, again, reference)
+    exported, expected = sam_state(out / "sam_checkpoint.pth"), sam_state(pretrained / "sam_checkpoint.pth")
+    for name in expected:
+        torch.testing.assert_close(exported[name], expected[name], rtol=1e-4, atol=1e-5)
+
+
+def test_pretrain_runs_as_two_processes(small_manifests, tiny_checkpoint, tmp_path):
+    out = tmp_path / "ddp"
+    args = pretrain_args(small_manifests, tiny_checkpoint, out, steps=4, save_every=2, batch_size=2)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "-m", "samadapt", *map(str, args)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads((out / "stage_output.json").read_text())
+    assert record["metrics"]["steps"] == 4 and record["metrics"]["processes"] == 2
+    # One process writes the run folder: a single metrics row per step, a single state per save.
+    assert sorted(losses(out)) == [1, 2, 3, 4]
+    assert sorted(p.name for p in (out / "state").iterdir()) == ["step_2"]
+
+
+def test_pretrain_refuses_a_checkpoint_of_another_arch(small_manifests, tiny_checkpoint, tmp_path):
+    result = run_cli(*pretrain_args(small_manifests, tiny_checkpoint, tmp_path / "x", arch="vit_b"), expect=None)
+    assert_one_line_error(result, str(tiny_checkpoint), "vit_tiny")
+    assert not (tmp_path / "x" / "stage_output.json").exists()
+
+
+def test_pretrain_refuses_a_labeled_manifest_without_images(tmp_path, small_manifests, tiny_checkpoint):
+    manifest = tmp_path / "bad.jsonl"
+    manifest.write_text(json.dumps({"id": "a", "image": "missing.nii.gz", "modality": "MR", "split": "train"}) + "\n")
+    result = run_cli(*pretrain_args({"ssl": manifest}, tiny_checkpoint, tmp_path / "y"), expect=None)
+    assert_one_line_error(result, "missing.nii.gz")
