@@ -59,14 +59,19 @@ def batch_prompts(config: FinetuneConfig, labels: torch.Tensor, case_ids, slices
 class Validator:
     """Volume-level foreground Dice on the validation cases; keeps the best weights and the patience count.
 
-    Its state lives in ``out/validation.json`` so a resumed run continues the same early-stopping count."""
+    Its state is saved with each training state (``Trainer.fit(stateful=...)``), so a resumed run continues
+    the same best score and early-stopping count; ``out/validation.json`` shows it to the user."""
 
     def __init__(self, config: FinetuneConfig, cases: list, prep, accelerator):
         self.config, self.cases, self.prep, self.accelerator = config, cases, prep, accelerator
         self.path = Path(config.out) / VALIDATION_FILE
         self.state = {"best_dice": None, "best_step": None, "bad_rounds": 0, "history": []}
-        if config.resume and self.path.is_file():
-            self.state = json.loads(self.path.read_text())
+
+    def state_dict(self) -> dict:
+        return json.loads(json.dumps(self.state))
+
+    def load_state_dict(self, state: dict) -> None:
+        self.state = state
 
     def mean_dice(self, model) -> float:
         settings = PromptSettings(self.config.prompt, 0.0, self.config.num_points, self.config.num_negative,
@@ -165,7 +170,7 @@ def run(config: FinetuneConfig) -> StageOutput:
 
     trainer = Trainer(accelerator, config, out)
     result = trainer.fit(model, dataset, loss_fn, sample_weights=slices.sample_weights(), after_step=after_step,
-                         desc="finetune")
+                         stateful={"validator": validator} if validator else None, desc="finetune")
     accelerator.wait_for_everyone()
     artifacts: dict[str, Path] = {}
     if accelerator.is_main_process:

@@ -35,7 +35,7 @@ from samadapt.errors import UserError
 from samadapt.runs import RUN_CONFIG, STAGE_OUTPUT, inputs_unchanged, versions, write_json
 
 ARTIFACT_FILES: dict[str, dict[str, str]] = {
-    "pretrain": {"sam_checkpoint": "sam_checkpoint.pth", "sam_safetensors": "sam.safetensors"},
+    "pretrain": {"sam_checkpoint": "sam_checkpoint.pth", "encoder": "encoder.safetensors"},
     "finetune": {"adapter": "adapter", "trainable": "trainable.safetensors", "sam_merged": "sam_merged.pth"},
     "evaluate": {"summary": "summary.json", "predictions": "predictions"},
 }

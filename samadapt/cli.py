@@ -31,7 +31,7 @@ STAGES: dict[str, tuple[str, str, str]] = {
 GROUPS = ("samadapt.data.commands", "samadapt.models.commands", "samadapt.pipelines.commands",
           "samadapt.evaluate.commands")
 # Errors of the environment a user can fix (disk full, read-only output, permissions).
-USER_OS_ERRORS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT, errno.ENOENT}
+USER_OS_ERRORS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT, errno.ENOENT, errno.EFBIG, errno.EIO}
 
 
 def _load(spec: str) -> object:
@@ -45,12 +45,14 @@ def _stage_handler(name: str) -> Callable[[argparse.Namespace], int]:
 
         config_spec, run_spec, _ = STAGES[name]
         try:
-            config_cls, run = _load(config_spec), _load(run_spec)
+            # Keys are checked before the stage's heavy imports (torch, monai: seconds), so a typo fails fast.
+            config = parse_config(_load(config_spec), args.config, args.overrides)
+            run = _load(run_spec)
         except ModuleNotFoundError as exc:
             if not (exc.name or "").startswith("samadapt."):
                 raise
             raise UserError(f"samadapt {name} is not built yet in this version") from None
-        result = run(parse_config(config_cls, args.config, args.overrides))
+        result = run(config)
         return 0 if result is None or getattr(result, "ok", True) else 1
     return handler
 

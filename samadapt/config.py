@@ -24,6 +24,11 @@ _NONE_WORDS = {"none", "null", "~", ""}
 _TRUE_WORDS = {"true", "yes", "on", "1"}
 _FALSE_WORDS = {"false", "no", "off", "0"}
 
+# Names users bring from other trainers, which spelling similarity would not find.
+COMMON_NAMES = {"learning_rate": "lr", "epochs": "steps", "max_steps": "steps", "iterations": "steps",
+                "output": "out", "output_dir": "out", "model_type": "arch", "ckpt": "checkpoint",
+                "manifest": "data", "classes": "num_classes"}
+
 
 def required(help: str) -> Any:
     """A field without default: the user must give it (``data=``, ``out=`` ...)."""
@@ -83,7 +88,8 @@ def build(cls: type[T], flat: dict[str, Any]) -> T:
     known = {name for name, _ in iter_keys(cls)}
     for name in flat:
         if name not in known:
-            hint = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
+            hint = [COMMON_NAMES[name]] if COMMON_NAMES.get(name) in known else \
+                difflib.get_close_matches(name, known, n=1, cutoff=0.5)
             did_you_mean = f" — did you mean {hint[0]}=?" if hint else ""
             raise UserError(f"unknown key {name!r}{did_you_mean} (see --help for all keys)")
     return _build(cls, flat, prefix="")

@@ -8,10 +8,12 @@ last: a stage folder without it is incomplete.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import tempfile
 import time
@@ -25,6 +27,10 @@ STAGE_OUTPUT = "stage_output.json"
 RUN_CONFIG = "run_config.json"
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success rename it to ``path``, else delete it.
@@ -34,13 +40,39 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     ensure_writable_dir(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + "".join(path.suffixes), dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; artifacts get the usual mode of a new file
     tmp_path = Path(tmp)
     try:
         yield tmp_path
         os.replace(tmp_path, path)
-    except BaseException:
+    except BaseException as exc:
         tmp_path.unlink(missing_ok=True)
+        failed = _failed_write(exc, path)
+        if failed is not None:
+            raise failed from exc
         raise
+
+
+# Writers in C++/Rust report a failed write (disk full, quota, file size limit) as their own exception types:
+# safetensors as "... I/O error: File too large (os error 27)", torch.save's zip writer without the errno.
+_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+_TORCH_WRITE_FAILED = ("PytorchStreamWriter failed writing", "unexpected pos")
+
+
+def _failed_write(exc: BaseException, path: Path) -> OSError | None:
+    """An OSError naming ``path`` for a writer's failed write (the CLI prints it as one line), else None."""
+    if isinstance(exc, OSError):
+        # A failed write() carries no file name; the temp name would mean nothing to the user.
+        return OSError(exc.errno, exc.strerror, str(path)) if exc.filename is None and exc.errno else None
+    if not isinstance(exc, Exception):
+        return None
+    message = str(exc)
+    if match := _RUST_OS_ERROR.search(message):
+        code = int(match.group(1))
+        return OSError(code, os.strerror(code), str(path))
+    if any(signature in message for signature in _TORCH_WRITE_FAILED):
+        return OSError(errno.EIO, "write failed — disk full or file size limit reached?", str(path))
+    return None
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:

@@ -131,7 +131,7 @@ class Trainer:
         states = [p for p in self.state_root.glob("step_*") if (p / PROGRESS_FILE).is_file()]
         return sorted(states, key=lambda p: int(p.name.split("_")[1]))
 
-    def _save_state(self, step: int) -> None:
+    def _save_state(self, step: int, stateful: dict[str, Any]) -> None:
         acc = self.accelerator
         tmp = self.state_root / f".tmp_step_{step}"
         if acc.is_main_process:
@@ -141,7 +141,8 @@ class Trainer:
         acc.save_state(str(tmp))
         acc.wait_for_everyone()
         if acc.is_main_process:
-            write_text(tmp / PROGRESS_FILE, json.dumps({"step": step}))
+            objects = {name: obj.state_dict() for name, obj in stateful.items()}
+            write_text(tmp / PROGRESS_FILE, json.dumps({"step": step, "objects": objects}))
             final = self.state_root / f"step_{step}"
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
@@ -149,13 +150,16 @@ class Trainer:
                 shutil.rmtree(old, ignore_errors=True)
         acc.wait_for_everyone()
 
-    def _resume(self) -> int:
+    def _resume(self, stateful: dict[str, Any]) -> int:
         states = self.saved_states() if self.keys.resume else []
         if not states:
             return 0
         newest = states[-1]
         self.accelerator.load_state(str(newest))
-        return json.loads((newest / PROGRESS_FILE).read_text())["step"]
+        progress = json.loads((newest / PROGRESS_FILE).read_text())
+        for name, obj in stateful.items():
+            obj.load_state_dict(progress["objects"][name])
+        return progress["step"]
 
     # ---------------------------------------------------------------- data
     def _batches(self, loader: DataLoader, first_micro: int) -> Iterator[Any]:
@@ -183,13 +187,16 @@ class Trainer:
         sample_weights: torch.Tensor | None = None,
         collate_fn: Callable | None = None,
         after_step: Callable[[int, torch.nn.Module, dict[str, float]], bool | None] | None = None,
+        stateful: dict[str, Any] | None = None,
         desc: str = "train",
     ) -> TrainResult:
         """Train ``model`` (unprepared) and return when ``keys.steps`` are done or ``after_step`` says stop.
 
         ``loss_fn(prepared_model, batch) -> (scalar loss, {name: float})`` runs under autocast.
         ``after_step(step, prepared_model, logs)`` runs on every process after each step (previews,
-        validation); returning True stops training early. The prepared model stays in ``self.model``."""
+        validation); returning True stops training early. ``stateful`` objects (``state_dict()`` →
+        JSON-able dict, ``load_state_dict``) are saved with every state and restored on resume, e.g. a
+        validator's best score. The prepared model stays in ``self.model``."""
         acc, keys = self.accelerator, self.keys
         if len(dataset) < keys.batch_size * acc.num_processes:
             raise UserError(f"only {len(dataset)} training items for batch_size={keys.batch_size} x "
@@ -202,7 +209,8 @@ class Trainer:
         optimizer = torch.optim.AdamW(groups, lr=keys.lr)
         model, optimizer, loader = acc.prepare(model, optimizer, loader)
         self.model = model
-        start = self._resume()
+        stateful = stateful or {}
+        start = self._resume(stateful)
         history = self._read_history(start)
         params = [p for g in optimizer.param_groups for p in g["params"]]
         stream = self._batches(loader, start * keys.grad_accumulation)
@@ -246,14 +254,15 @@ class Trainer:
                     self._write_history(history)
                     bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{row['images_per_s']:.1f}")
             bar.update(1)
-            if step % keys.save_every == 0 and step < keys.steps:
-                self._save_state(step)
             if after_step is not None:
                 hook_start = time.perf_counter()
                 stop = after_step(step, model, logs)
                 window_start += time.perf_counter() - hook_start  # validation/previews are not training time
                 if stop:
                     break
+            # After the hook, so that a saved step has also been validated (the validator's state is saved too).
+            if step % keys.save_every == 0 and step < keys.steps:
+                self._save_state(step, stateful)
         bar.close()
         return TrainResult(steps=step, resumed_from=start or None, final_loss=loss_value,
                            seconds=time.perf_counter() - t0, history=history)

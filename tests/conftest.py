@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -19,15 +21,29 @@ def run_cli(*args: str, cwd: str | Path | None = None, timeout: float = 600, env
     """``samadapt ARGS`` in a subprocess; asserts the exit code unless ``expect`` is None."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     result = subprocess.run([sys.executable, "-m", "samadapt", *map(str, args)], cwd=cwd, capture_output=True,
-                            text=True, timeout=timeout, env=full_env)
+                            encoding="utf-8", timeout=timeout, env=full_env)
     if expect is not None:
         assert result.returncode == expect, f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
     return result
 
 
-def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> str:
-    """A user error: exit 2, one ``error:`` line naming what went wrong, no traceback."""
-    assert result.returncode == 2, result.stderr
+def kill_when(args: list, ready: Path, timeout: float = 300) -> None:
+    """Start ``samadapt ARGS``, SIGKILL it as soon as ``ready`` exists (e.g. a saved training state)."""
+    process = subprocess.Popen([sys.executable, "-m", "samadapt", *map(str, args)], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while not ready.exists():
+        assert process.poll() is None, f"samadapt exited ({process.returncode}) before {ready} appeared"
+        assert time.time() < deadline, f"{ready} did not appear within {timeout} s"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str, exit_code: int = 2) -> str:
+    """One ``error:`` line naming what went wrong, no traceback, and ``exit_code`` (2 = the user's input,
+    1 = the environment, e.g. a full disk)."""
+    assert result.returncode == exit_code, result.stderr
     assert "Traceback" not in result.stderr, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(lines) == 1, result.stderr

@@ -4,16 +4,12 @@ what is up to date, reruns exactly what a change touches, and resumes a stage ki
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import assert_one_line_error, run_cli
+from conftest import assert_one_line_error, kill_when, run_cli
 
 
 def write_pipeline(folder: Path, manifests, checkpoint, **stage_overrides) -> Path:
@@ -89,14 +85,7 @@ def test_rerun_skips_what_is_up_to_date_and_reruns_what_changed(pipeline_run):
 def test_killed_stage_resumes_and_downstream_reruns(small_manifests, tiny_checkpoint, tmp_path):
     path = write_pipeline(tmp_path, small_manifests, tiny_checkpoint)
     runs = tmp_path / "runs"
-    process = subprocess.Popen([sys.executable, "-m", "samadapt", "run", str(path), "--runs-dir", str(runs)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not (runs / "finetune" / "state" / "step_3" / "progress.json").is_file():
-        assert process.poll() is None and time.time() < deadline, "the pipeline ended before finetune saved a state"
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    kill_when(["run", path, "--runs-dir", runs], runs / "finetune" / "state" / "step_3" / "progress.json")
     assert not (runs / "finetune" / "stage_output.json").exists()
 
     dry = run_cli("run", path, "--runs-dir", runs, "--dry-run")

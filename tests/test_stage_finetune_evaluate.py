@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -12,7 +15,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import assert_one_line_error, run_cli
+from conftest import assert_one_line_error, kill_when, run_cli
 
 
 def finetune_args(data: Path, checkpoint, out: Path, **extra) -> list[str]:
@@ -59,6 +62,51 @@ def test_finetune_learns_and_saves_only_what_it_trained(finetuned):
     assert not any(n.startswith("sam.image_encoder.") for n in names)
     assert adapter_names and all("lora_" in n and "image_encoder" in n for n in adapter_names)
     assert (finetuned / "adapter" / "adapter_config.json").is_file()  # peft's own format
+
+
+def losses(out: Path) -> dict[int, float]:
+    with open(out / "metrics.csv", newline="") as handle:
+        return {int(row["step"]): float(row["loss"]) for row in csv.DictReader(handle)}
+
+
+def test_killed_finetune_resumes_and_matches_an_uninterrupted_run(finetuned, small_manifests, tiny_checkpoint,
+                                                                   tmp_path):
+    out = tmp_path / "killed"
+    args = finetune_args(small_manifests["brain"], tiny_checkpoint, out)
+    kill_when(args, out / "state" / "step_8" / "progress.json")
+    assert not (out / "stage_output.json").exists()
+    run_cli(*args)
+    record = record_of(out)
+    assert record["metrics"]["resumed_from_step"] == 8
+    # Augmentations, sampling and weights continue exactly: the same losses, the same best validation Dice,
+    # the same saved decoder.
+    reference, again = losses(finetuned), losses(out)
+    assert sorted(again) == list(range(1, 17))
+    for step in range(9, 17):
+        assert again[step] == pytest.approx(reference[step], rel=1e-4, abs=1e-5), (step, again, reference)
+    assert record["metrics"]["best_val_dice"] == pytest.approx(record_of(finetuned)["metrics"]["best_val_dice"],
+                                                               abs=1e-5)
+    with safe_open(str(out / "trainable.safetensors"), "pt") as resumed, \
+            safe_open(str(finetuned / "trainable.safetensors"), "pt") as uninterrupted:
+        for name in uninterrupted.keys():
+            torch.testing.assert_close(resumed.get_tensor(name), uninterrupted.get_tensor(name), rtol=1e-4, atol=1e-5)
+
+
+def test_finetune_runs_as_two_processes(small_manifests, tiny_checkpoint, tmp_path):
+    out = tmp_path / "ddp"
+    args = finetune_args(small_manifests["brain"], tiny_checkpoint, out, steps=4, save_every=2, val_every=4,
+                         batch_size=2)
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "-m", "samadapt", *map(str, args)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = record_of(out)
+    assert record["metrics"]["processes"] == 2 and record["metrics"]["steps"] == 4
+    assert sorted(losses(out)) == [1, 2, 3, 4]
+    assert 0.0 <= record["metrics"]["best_val_dice"] <= 1.0
+    assert result.stdout.count("val Dice") == 1  # validated once, on the main process
 
 
 def test_evaluate_writes_nnunet_style_summary_and_masks_in_input_geometry(evaluated, small_manifests):
@@ -138,3 +186,37 @@ def test_evaluate_refuses_a_folder_that_is_not_a_finished_run(small_manifests, t
     result = run_cli("evaluate", f"model={tmp_path / 'half'}", f"data={small_manifests['brain']}",
                      f"out={tmp_path / 'ev'}", expect=None)
     assert_one_line_error(result, "half")
+
+
+def test_predict_is_independent_of_voxel_order_and_keeps_each_input_geometry(finetuned, small_manifests, tmp_path):
+    """The same anatomy stored in another voxel order (LSA, flipped and permuted axes) with an offset origin:
+    each mask carries its input's exact header, and in world space both masks are the same."""
+    source_path = json.loads(small_manifests["brain"].read_text().splitlines()[0])["image"]
+    source = nib.load(source_path)
+    current = nib.orientations.io_orientation(source.affine)
+    reoriented = source.as_reoriented(nib.orientations.ornt_transform(current, nib.orientations.axcodes2ornt("LSA")))
+    shifted = nib.Nifti1Image(np.asarray(reoriented.dataobj), reoriented.affine.copy())
+    shifted.affine[:3, 3] += (12.5, -7.0, 3.0)
+    shifted = nib.Nifti1Image(np.asarray(reoriented.dataobj), shifted.affine)
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    nib.save(shifted, inputs / "lsa_shifted.nii.gz")
+    run_cli("predict", f"model={finetuned}", f"input={source_path}", f"out={tmp_path / 'a'}")
+    run_cli("predict", f"model={finetuned}", f"input={inputs}", f"out={tmp_path / 'b'}")
+    original = nib.load(next((tmp_path / "a").glob("*.nii.gz")))
+    moved = nib.load(tmp_path / "b" / "lsa_shifted.nii.gz")
+    assert moved.shape == shifted.shape and nib.aff2axcodes(moved.affine) == ("L", "S", "A")
+    np.testing.assert_allclose(moved.affine, shifted.affine, atol=1e-4)
+    np.testing.assert_allclose(original.affine, source.affine, atol=1e-4)
+    back = nib.as_closest_canonical(moved)
+    np.testing.assert_array_equal(np.asarray(back.dataobj), np.asarray(nib.as_closest_canonical(original).dataobj))
+    assert np.asarray(original.dataobj).any()  # a non-trivial mask, so the comparison means something
+
+
+def test_evaluate_warns_about_a_modality_the_model_never_saw(finetuned, small_manifests, tmp_path):
+    rows = [json.loads(line) for line in small_manifests["brain"].read_text().splitlines()]
+    manifest = tmp_path / "ct.jsonl"
+    manifest.write_text(json.dumps({**rows[2], "modality": "CT", "split": "test"}) + "\n")
+    result = run_cli("evaluate", f"model={finetuned}", f"data={manifest}", f"out={tmp_path / 'ev'}", "overlays=false")
+    assert "warning:" in result.stderr and "CT" in result.stderr and "MR" in result.stderr
+    assert record_of(tmp_path / "ev")["metrics"]["cases"] == 1

@@ -39,7 +39,8 @@ def add_parser(subparsers) -> None:
     check = commands.add_parser("check", help="validate a manifest and read every volume header",
                                 description="Validate a manifest (files, ids, modality, split), read every "
                                             "image/label header and print a table; with num_classes=K also "
-                                            "read the labels and check their values.")
+                                            "decode every volume (truncated files, NaN/Inf voxels, 4D images) "
+                                            "and check the label values.")
     check.add_argument("manifest", help="manifest path or demo:brain / demo:ssl")
     check.add_argument("options", nargs="*", metavar="num_classes=K", help="optional: num_classes=K")
     check.set_defaults(func=_check)
@@ -92,12 +93,16 @@ def _check(args: argparse.Namespace) -> int:
             size = "x".join(str(s) for s in header["size"])
             spacing = ",".join(f"{s:.3g}" for s in header["spacing"])
             label = "-"
+            # num_classes=K: decode every volume (truncation, NaN/Inf, 4D) besides checking label values.
+            image = read_volume(case.image, series_uid=case.series_uid) if num_classes is not None else None
             if case.label is not None:
-                if num_classes is None:
+                if image is None:
                     label_header = read_header(case.label)
-                    label = "ok" if label_header["size"] == header["size"] else f"size {label_header['size']}!"
+                    if label_header["size"] != header["size"]:
+                        raise UserError(f"{case.label}: label shape {tuple(label_header['size'])} differs from "
+                                        f"image {case.image} {tuple(header['size'])} (x, y, z)")
+                    label = "ok"
                 else:
-                    image = read_volume(case.image, series_uid=case.series_uid)
                     values = read_label(case.label, image, case.image, num_classes=num_classes)
                     label = "values {" + ",".join(str(v) for v in np.unique(values)) + "}"
         except UserError as exc:

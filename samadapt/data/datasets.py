@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import replace
 
 import numpy as np
@@ -48,6 +49,8 @@ class SliceDataset(Dataset):
                 entry = cached_slices(case, replace(prep, plane=plane), cache_dir, num_classes, labeled)
                 self.entries.append((case, entry))
         values = [v for _, e in self.entries if labeled for v in e.index["label_values"]]
+        if labeled:
+            _warn_empty_labels(self.entries)
         self.num_classes = num_classes if num_classes is not None else (max(values, default=0) + 1 if labeled else None)
         self.items = self._select(skip_empty, empty_fraction)
         self._transform = build_transform(augment, labeled) if augment is not None else None
@@ -107,3 +110,12 @@ class SliceDataset(Dataset):
             for c in present:
                 totals[c] = totals.get(c, 0) + 1
         return torch.tensor([max(1.0 / totals[c] for c in present) for present in groups], dtype=torch.double)
+
+
+def _warn_empty_labels(entries: list[tuple[Case, CachedSlices]]) -> None:
+    """One warning per case whose label map is background only: training goes on (its slices teach
+    "nothing here"), but an empty label is often a wrong file or a label stored in another channel."""
+    empty = {case.id: case for case, entry in entries if not any(v > 0 for v in entry.index["label_values"])}
+    for case in empty.values():
+        print(f"warning: {case.label}: label volume of case {case.id!r} is empty (background only) — "
+              "training goes on; check the file if that is unexpected", file=sys.stderr)

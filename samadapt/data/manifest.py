@@ -178,8 +178,16 @@ def _parse_row(row: dict, number: int, base: Path, problems: list[str]) -> Case 
     if "image" not in paths:
         return None
     case_id = values["id"] or _stem(paths["image"])
+    if not _is_plain_name(case_id):
+        # Output files are named after the id (predictions/<id>.nii.gz): it must not lead out of out=.
+        problems.append(f"row {number}: id {case_id!r} is not a plain file name (no / \\ or ..)")
+        return None
     return Case(case_id, paths["image"], paths.get("label"), modality or "MR", values["split"], fold,
                 values["series_uid"] or None)
+
+
+def _is_plain_name(case_id: str) -> bool:
+    return not any(sep in case_id for sep in ("/", "\\", "\0")) and case_id not in (".", "..")
 
 
 def _stem(path: Path) -> str:

@@ -1,0 +1,125 @@
+"""MAE pretraining step time and peak memory: no masking vs token dropping vs mask token (JSON on stdout).
+
+    python bench/bench_mae.py [--quick]                   # every config (step times side by side)
+    python bench/bench_mae.py --memory ARCH SIZE VARIANT  # peak RSS of one step, run in a fresh process
+
+One step = forward + loss + backward + AdamW step of :class:`MaskedAutoencoderSAM` (batch 2 at 256 px,
+batch 1 at 1024 px; decoder 256 wide, 2 blocks). Variants: ``none`` = the full grid without masking
+(``mask_token`` machinery with mask_ratio 0, so every block sees every token), ``drop`` = window-aligned
+token dropping at mask 0.75 (the stage default), ``mask_token`` = SimMIM full grid at mask 0.75. The three
+share one encoder and alternate step by step; peak memory (``ru_maxrss``) comes from one step of each
+variant in its own fresh interpreter (full run only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+
+import torch
+
+from common import current_rss_gib, entry, median, peak_rss_gib, print_json, run_json_subprocess, set_threads, step_times
+
+MASK_RATIO = 0.75
+VARIANTS = ("none", "drop", "mask_token")
+
+
+def build(arch: str, size: int) -> tuple[dict, torch.optim.Optimizer, torch.Tensor]:
+    """The three variants around ONE encoder (so they share its weights and optimiser state), an AdamW
+    over all their parameters (a variant's step leaves the others' decoders without grads: skipped), and a
+    batch (2 images at 256/512 px, 1 at 1024)."""
+    from samadapt.models.registry import build_sam
+    from samadapt.pretrain.mae import MaskedAutoencoderSAM
+
+    torch.manual_seed(0)
+    encoder = build_sam(arch, image_size=size).image_encoder
+    models = {v: MaskedAutoencoderSAM(encoder, mask_ratio=0.0 if v == "none" else MASK_RATIO,
+                                      variant="mask_token" if v == "none" else v) for v in VARIANTS}
+    params = list({id(p): p for m in models.values() for p in m.parameters()}.values())
+    images = torch.randn(2 if size <= 512 else 1, 3, size, size)
+    return models, torch.optim.AdamW(params, lr=1e-4), images
+
+
+def train_step(model, optimizer, images) -> None:
+    model(images).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def memory_one(arch: str, size: int, variant: str) -> dict:
+    """Peak RSS of one step of one variant (call in a fresh process: ru_maxrss is per process)."""
+    from samadapt.models.registry import build_sam
+    from samadapt.pretrain.mae import MaskedAutoencoderSAM
+
+    set_threads()
+    torch.manual_seed(0)
+    model = MaskedAutoencoderSAM(build_sam(arch, image_size=size).image_encoder,
+                                 mask_ratio=0.0 if variant == "none" else MASK_RATIO,
+                                 variant="mask_token" if variant == "none" else variant)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    images = torch.randn(2 if size <= 512 else 1, 3, size, size)
+    gc.collect()
+    before = current_rss_gib()
+    train_step(model, optimizer, images)  # the first step allocates the AdamW state too: the peak
+    return {"peak_rss_gib": round(peak_rss_gib(), 3), "rss_before_step_gib": round(before, 3)}
+
+
+def timing(arch: str, size: int, steps: int) -> dict:
+    """Median step time per variant, the variants alternating step by step (side by side)."""
+    models, optimizer, images = build(arch, size)
+    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    for round_index in range(steps + 1):  # round 0 is warm-up
+        for variant, model in models.items():
+            measured = step_times(lambda: train_step(model, optimizer, images), 1, warmup=0)
+            if round_index:
+                times[variant] += measured
+    layout = models["drop"].layout
+    return {"step_s": {v: round(median(t), 4) for v, t in times.items()}, "batch": images.shape[0],
+            "steps": steps, "tokens_full_grid": models["none"].num_patches,
+            "padded_grid": layout.padded_size, "windows": layout.num_units,
+            "tokens_kept_incl_padding": layout.num_kept_units(MASK_RATIO) * layout.tokens_per_unit,
+            "real_tokens_per_window": layout.valid.sum(1).tolist()}
+
+
+def configs(quick: bool) -> list[tuple[str, int, int]]:
+    """(arch, image size, timed steps per variant) per encoder."""
+    if quick:
+        return [("vit_tiny", 256, 3)]
+    return [("vit_tiny", 256, 8), ("vit_b", 256, 4), ("vit_b", 1024, 2)]
+
+
+def measure(quick: bool) -> dict:
+    """Every config: step times side by side in this process, peak RSS per variant in fresh subprocesses
+    (full run only). value = the no-masking / drop step-time ratio of the largest encoder measured."""
+    set_threads()
+    detail: dict = {"mask_ratio": MASK_RATIO}
+    value = None
+    for arch, size, steps in configs(quick):
+        result = timing(arch, size, steps)
+        gc.collect()
+        step_s = result["step_s"]
+        value = step_s["none"] / step_s["drop"]
+        result = {"speedup_drop": round(value, 3), "speedup_mask_token": round(step_s["none"] / step_s["mask_token"], 3),
+                  **result}
+        if not quick:
+            result["memory"] = {v: run_json_subprocess("bench_mae.py", "--memory", arch, str(size), v)
+                                for v in VARIANTS}
+        detail[f"{arch}_{size}"] = result
+    detail["value_from"] = "_".join(map(str, configs(quick)[-1][:2]))
+    return entry(value, ">= 2.5", detail)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--memory", nargs=3, metavar=("ARCH", "SIZE", "VARIANT"))
+    args = parser.parse_args()
+    if args.memory:
+        arch, size, variant = args.memory
+        print_json(memory_one(arch, int(size), variant))
+    else:
+        print_json({"mae_speedup": measure(args.quick)})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,180 @@
+"""Overhead of samadapt's training loop over a bare PyTorch loop, finetune and pretrain stage (JSON on stdout).
+
+    python bench/bench_overhead.py [--quick] [--stage finetune|pretrain|both]
+
+The *stage loop* is :meth:`samadapt.training.Trainer.fit` exactly as the stage calls it: the stage's model
+(finetune: ``build_model``, vit_tiny 256, encoder=lora decoder=full prompt=none; pretrain:
+``MaskedAutoencoderSAM``, variant drop, mask 0.75), its dataset (slice cache, augmentation, weighted
+sampler), its parameter groups and loss, ``max_grad_norm`` and logging at their defaults, batch 4. Its
+step time comes from the ``images_per_s`` the Trainer logs per window of ``log_every`` steps (the first
+window, with the DataLoader start-up, is dropped); checkpoints are off (``save_every`` huge), no hooks.
+
+The *bare loop* is forward → loss → backward → AdamW step → zero_grad on the same model object, the same
+parameter groups and one fixed batch of the same dataset (already in memory).
+
+Both alternate in rounds in this process, so a load change on the machine hits both; the ratio is the
+median stage step time over the median bare step time. ``detail`` also splits the stage's extra time into
+its parts (data loading, gradient clipping) measured the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import default_collate
+
+from common import entry, median, print_json, set_threads, step_times
+
+BATCH = 4
+
+
+def finetune_setup(out: Path):
+    """(config, model, dataset, sample_weights, loss(model, batch)) exactly as ``samadapt finetune`` builds them."""
+    from samadapt.data import SliceDataset, to_sam_input
+    from samadapt.data.manifest import load_manifest, resolve_manifest
+    from samadapt.finetune.config import FinetuneConfig
+    from samadapt.finetune.stage import build_model
+    from samadapt.keys import preprocessing
+
+    config = FinetuneConfig(data="demo:brain", out=out, num_classes=2, arch="vit_tiny", image_size=256,
+                            encoder="lora", decoder="full", prompt="none", batch_size=BATCH, val_split=None,
+                            save_every=10**9, resume=False)
+    cases = load_manifest(resolve_manifest(config.data), split=config.split, require_labels=True)
+    dataset = SliceDataset(cases, preprocessing(config), cache_dir=config.cache_dir, labeled=True,
+                           num_classes=config.num_classes, skip_empty=config.skip_empty,
+                           empty_fraction=config.empty_fraction, augment=config.augment, seed=config.seed)
+    model = build_model(config)
+
+    def loss(prepared, batch):  # the stage's loss_fn for prompt=none
+        logits = prepared(to_sam_input(batch["image"]), None)
+        return model.loss_fn(logits, batch["label"], None, config.class_weight_values), {}
+
+    return config, model, dataset, dataset.sample_weights(), loss, None
+
+
+def pretrain_setup(out: Path):
+    """The same for ``samadapt pretrain`` (MAE around vit_tiny's encoder, layer-wise lr groups)."""
+    from samadapt.data import to_sam_input
+    from samadapt.models.checkpoints import load_sam
+    from samadapt.pretrain.config import PretrainConfig
+    from samadapt.pretrain.mae import MaskedAutoencoderSAM
+    from samadapt.pretrain.stage import build_dataset, layer_lr_scale
+    from samadapt.training import param_groups
+
+    config = PretrainConfig(data="demo:ssl", out=out, arch="vit_tiny", image_size=256, batch_size=BATCH,
+                            save_every=10**9, resume=False, preview_every=0)
+    dataset = build_dataset(config)
+    torch.manual_seed(config.seed)
+    sam = load_sam(config.arch, config.checkpoint, image_size=config.image_size)
+    model = MaskedAutoencoderSAM(sam.image_encoder, mask_ratio=config.mask_ratio, decoder_dim=config.decoder_dim,
+                                 decoder_depth=config.decoder_depth, variant=config.variant,
+                                 norm_pix_loss=config.norm_pix_loss, grad_checkpointing=config.grad_checkpointing)
+    groups = param_groups(model, config.weight_decay, layer_lr_scale(len(sam.image_encoder.blocks), config.layer_decay))
+
+    def loss(prepared, batch):  # the stage's loss_fn
+        return prepared(to_sam_input(batch["image"])).loss, {}
+
+    return config, model, dataset, None, loss, groups
+
+
+def interleaved(stage: str, steps: int, num_workers: int, tmp: Path) -> dict:
+    """One ``Trainer.fit`` of the stage; after every stage step one bare step runs (timed) in the hook.
+
+    The stage step time is the time between two hook calls (everything the loop does per step: fetching
+    and augmenting the batch, lr update, seeding, forward, backward, clipping, optimiser, logging); the
+    Trainer itself excludes hook time from its own ``images_per_s``, also reported. Alternating single
+    steps makes load changes on the shared machine hit both loops alike."""
+    from samadapt.training import Trainer, make_accelerator, param_groups
+
+    setup = finetune_setup if stage == "finetune" else pretrain_setup
+    config, model, dataset, weights, loss, groups = setup(tmp / "init")
+    config.steps, config.log_every, config.num_workers = steps, max(1, steps // 4), num_workers
+    accelerator = make_accelerator(config)  # also sets the thread count like the stage
+    model = model.to(accelerator.device)
+    batch = default_collate([dataset[i] for i in range(BATCH)])
+    bare_groups = groups if groups is not None else param_groups(model, config.weight_decay)
+    bare_params = [p for g in bare_groups for p in g["params"]]
+    optimizer = torch.optim.AdamW(bare_groups, lr=config.lr)
+    times: dict[str, list[float]] = {"stage": [], "bare": [], "clip": []}
+    last_end = None
+
+    def bare_step() -> None:
+        start = time.perf_counter()
+        value, _ = loss(model, batch)
+        value.backward()
+        clip_start = time.perf_counter()
+        torch.nn.utils.clip_grad_norm_(bare_params, config.max_grad_norm or float("inf"))
+        clip_end = time.perf_counter()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times["bare"].append(time.perf_counter() - start - (clip_end - clip_start))
+        times["clip"].append(clip_end - clip_start)
+
+    def after_step(step, prepared, logs) -> bool:
+        nonlocal last_end
+        now = time.perf_counter()
+        if last_end is not None:
+            times["stage"].append(now - last_end)
+        model.train()
+        bare_step()
+        last_end = time.perf_counter()
+        return False
+
+    trainer = Trainer(accelerator, config, tmp / f"{stage}_{num_workers}")
+    result = trainer.fit(model, dataset, loss, groups=groups, sample_weights=weights, after_step=after_step,
+                         desc=stage)
+    warm = 2  # first steps: allocator and DataLoader start-up
+    stage_times, bare_times = times["stage"][warm:], times["bare"][warm + 1:]
+    logged = [BATCH / float(row["images_per_s"]) for row in result.history[1:]]
+    return {"ratio": median(stage_times) / median(bare_times),
+            "paired_ratio": median([s / b for s, b in zip(stage_times, bare_times)]),
+            "stage_step_ms": round(1000 * median(stage_times), 1), "bare_step_ms": round(1000 * median(bare_times), 1),
+            "clip_grad_norm_ms": round(1000 * median(times["clip"]), 1),
+            "trainer_logged_step_ms": round(1000 * median(logged), 1) if logged else None,
+            "steps_timed": len(stage_times), "dataset": dataset}
+
+
+def batch_loading_ms(dataset, count: int) -> float:
+    """Median ms to fetch one batch in the main process (what num_workers=0 adds to every step)."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=BATCH, shuffle=True, drop_last=True)
+    iterator = iter(loader)
+    return 1000 * median(step_times(lambda: next(iterator), min(count, len(loader) - 1), warmup=1))
+
+
+def measure(stage: str, quick: bool) -> dict:
+    """The stage loop vs the bare loop (interleaved), at the stage's default num_workers=0 and, in the full
+    run, with one DataLoader worker; returns a result entry."""
+    steps = 8 if quick else 40
+    with tempfile.TemporaryDirectory(prefix=f"bench_{stage}_") as tmp:
+        default = interleaved(stage, steps, 0, Path(tmp))
+        dataset = default.pop("dataset")
+        detail = {
+            "model": "vit_tiny 256 " + ("encoder=lora decoder=full prompt=none" if stage == "finetune"
+                                        else "MAE variant=drop mask_ratio=0.75"),
+            "batch": BATCH, "augmentation": stage == "finetune", "num_workers": 0,
+            **{k: round(v, 3) if isinstance(v, float) else v for k, v in default.items()},
+            "batch_loading_ms": round(batch_loading_ms(dataset, 5 if quick else 20), 1),
+        }
+        if not quick:
+            worker = interleaved(stage, steps, 1, Path(tmp))
+            worker.pop("dataset")
+            detail["with_1_worker"] = {k: round(v, 3) if isinstance(v, float) else v for k, v in worker.items()}
+    return entry(default["ratio"], "<= 1.05", detail)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--stage", choices=("finetune", "pretrain", "both"), default="both")
+    args = parser.parse_args()
+    set_threads()
+    stages = ("finetune", "pretrain") if args.stage == "both" else (args.stage,)
+    print_json({f"{stage}_overhead": measure(stage, args.quick) for stage in stages})
+
+
+if __name__ == "__main__":
+    main()
