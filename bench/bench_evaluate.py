@@ -21,7 +21,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
 
 from common import entry, print_json, quiet_stdout, set_threads
 
@@ -55,9 +54,28 @@ def finetune_then_evaluate(arch: str, tmp: Path, split: str) -> dict:
     start = time.perf_counter()
     evaluate_stage.run(EvaluateConfig(model=str(trained), data="demo:brain", split=split, out=out))
     wall = time.perf_counter() - start
-    metrics = json.loads((out / "stage_output.json").read_text())["metrics"]
+    metrics = json.loads((out / "stage_output.json").read_text(encoding="utf-8"))["metrics"]
     return {"metric_share": metrics["metric_share"], "metric_seconds": metrics["metric_seconds"],
             "evaluate_wall_s": round(wall, 2), "cases": metrics["cases"], "split": split}
+
+
+def realistic_metric_seconds(split: str) -> float:
+    """Seconds of ``case_metrics`` on the split's reference with a near-miss prediction (the reference shifted
+    by 2 voxels along every axis): full surfaces to compare, as a trained model gives. A barely trained
+    model predicts empty or fragmented masks, whose metric time says little."""
+    import numpy as np
+
+    from samadapt.data import readers
+    from samadapt.data.manifest import load_manifest, resolve_manifest
+    from samadapt.evaluate.metrics import case_metrics
+
+    case = load_manifest(resolve_manifest("demo:brain"), split=split)[0]
+    volume = readers.read_volume(case.label)
+    reference = readers.to_array(volume, case.label)
+    prediction = np.roll(reference, (2, 2, 2), axis=(0, 1, 2))
+    start = time.perf_counter()
+    case_metrics(prediction, reference, volume.GetSpacing()[::-1], [1])
+    return time.perf_counter() - start
 
 
 def predict_rate(arch: str, count: int) -> float:
@@ -86,8 +104,14 @@ def measure(quick: bool) -> dict:
         split = "val" if quick else "test"  # val: MNI152 at 2 mm (small); test: Colin27 at 1 mm
         runs = {arch: finetune_then_evaluate(arch, Path(tmp), split) for arch in (("vit_tiny",) if quick else ("vit_tiny", "vit_b"))}
     share_from = "vit_tiny" if quick else "vit_b"
-    share = entry(runs[share_from]["metric_share"], "<= 0.1",
-                  {"value_from": f"{share_from} 256", **{f"{a}_256": r for a, r in runs.items()}})
+    run = runs[share_from]
+    realistic = realistic_metric_seconds(split)
+    # The same evaluation with a trained model's metric time in place of the measured one.
+    estimate = realistic / (run["evaluate_wall_s"] - run["metric_seconds"] + realistic)
+    share = entry(max(run["metric_share"], estimate), "<= 0.1",
+                  {"value_from": f"{share_from} 256: max(stage metric_share, share with a near-miss mask)",
+                   "near_miss_metric_seconds": round(realistic, 3), "near_miss_share": round(estimate, 4),
+                   **{f"{a}_256": r for a, r in runs.items()}})
     rates = {"vit_tiny_256": round(predict_rate("vit_tiny", 32 if quick else 64), 2)}
     if not quick:
         rates["vit_b_256"] = round(predict_rate("vit_b", 48), 2)

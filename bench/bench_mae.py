@@ -8,7 +8,7 @@ batch 1 at 1024 px; decoder 256 wide, 2 blocks). Variants: ``none`` = the full g
 (``mask_token`` machinery with mask_ratio 0, so every block sees every token), ``drop`` = window-aligned
 token dropping at mask 0.75 (the stage default), ``mask_token`` = SimMIM full grid at mask 0.75. The three
 share one encoder and alternate step by step; peak memory (``ru_maxrss``) comes from one step of each
-variant in its own fresh interpreter (full run only).
+variant in its own fresh interpreter (``VmHWM``, full run only).
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def train_step(model, optimizer, images) -> None:
 
 
 def memory_one(arch: str, size: int, variant: str) -> dict:
-    """Peak RSS of one step of one variant (call in a fresh process: ru_maxrss is per process)."""
+    """Peak RSS of one step of one variant (call in a fresh process: the peak is per process)."""
     from samadapt.models.registry import build_sam
     from samadapt.pretrain.mae import MaskedAutoencoderSAM
 

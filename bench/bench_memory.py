@@ -5,7 +5,7 @@
 
 One step = the stage's model (``build_model``: vit_b, image_size 1024, encoder=lora decoder=full
 prompt=none, random weights) → forward → DiceCE loss → backward → AdamW step, with grad checkpointing on
-(the goal) and off. Peak = ``ru_maxrss`` of the fresh interpreter (imports and weights included, the first
+(the goal) and off. Peak = ``VmHWM`` of the fresh interpreter (imports and weights included, the first
 step also allocates the AdamW state).
 """
 

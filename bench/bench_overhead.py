@@ -32,7 +32,7 @@ from common import entry, median, print_json, set_threads, step_times
 BATCH = 4
 
 
-def finetune_setup(out: Path):
+def finetune_setup(out: Path, augment: bool = True):
     """(config, model, dataset, sample_weights, loss(model, batch)) exactly as ``samadapt finetune`` builds them."""
     from samadapt.data import SliceDataset, to_sam_input
     from samadapt.data.manifest import load_manifest, resolve_manifest
@@ -46,7 +46,8 @@ def finetune_setup(out: Path):
     cases = load_manifest(resolve_manifest(config.data), split=config.split, require_labels=True)
     dataset = SliceDataset(cases, preprocessing(config), cache_dir=config.cache_dir, labeled=True,
                            num_classes=config.num_classes, skip_empty=config.skip_empty,
-                           empty_fraction=config.empty_fraction, augment=config.augment, seed=config.seed)
+                           empty_fraction=config.empty_fraction, augment=config.augment if augment else None,
+                           seed=config.seed)
     model = build_model(config)
 
     def loss(prepared, batch):  # the stage's loss_fn for prompt=none
@@ -56,7 +57,7 @@ def finetune_setup(out: Path):
     return config, model, dataset, dataset.sample_weights(), loss, None
 
 
-def pretrain_setup(out: Path):
+def pretrain_setup(out: Path, augment: bool = False):
     """The same for ``samadapt pretrain`` (MAE around vit_tiny's encoder, layer-wise lr groups)."""
     from samadapt.data import to_sam_input
     from samadapt.models.checkpoints import load_sam
@@ -81,7 +82,7 @@ def pretrain_setup(out: Path):
     return config, model, dataset, None, loss, groups
 
 
-def interleaved(stage: str, steps: int, num_workers: int, tmp: Path) -> dict:
+def interleaved(stage: str, steps: int, num_workers: int, tmp: Path, augment: bool = True) -> dict:
     """One ``Trainer.fit`` of the stage; after every stage step one bare step runs (timed) in the hook.
 
     The stage step time is the time between two hook calls (everything the loop does per step: fetching
@@ -91,7 +92,7 @@ def interleaved(stage: str, steps: int, num_workers: int, tmp: Path) -> dict:
     from samadapt.training import Trainer, make_accelerator, param_groups
 
     setup = finetune_setup if stage == "finetune" else pretrain_setup
-    config, model, dataset, weights, loss, groups = setup(tmp / "init")
+    config, model, dataset, weights, loss, groups = setup(tmp / "init", augment)
     config.steps, config.log_every, config.num_workers = steps, max(1, steps // 4), num_workers
     accelerator = make_accelerator(config)  # also sets the thread count like the stage
     model = model.to(accelerator.device)
@@ -124,7 +125,7 @@ def interleaved(stage: str, steps: int, num_workers: int, tmp: Path) -> dict:
         last_end = time.perf_counter()
         return False
 
-    trainer = Trainer(accelerator, config, tmp / f"{stage}_{num_workers}")
+    trainer = Trainer(accelerator, config, tmp / f"{stage}_{num_workers}_{augment}")
     result = trainer.fit(model, dataset, loss, groups=groups, sample_weights=weights, after_step=after_step,
                          desc=stage)
     warm = 2  # first steps: allocator and DataLoader start-up
@@ -146,8 +147,9 @@ def batch_loading_ms(dataset, count: int) -> float:
 
 
 def measure(stage: str, quick: bool) -> dict:
-    """The stage loop vs the bare loop (interleaved), at the stage's default num_workers=0 and, in the full
-    run, with one DataLoader worker; returns a result entry."""
+    """The stage loop vs the bare loop (interleaved), at the stage's defaults (num_workers=0, finetune with
+    augmentation) and, in the full run, with one DataLoader worker and (finetune) without augmentation;
+    returns a result entry (value: the defaults)."""
     steps = 8 if quick else 40
     with tempfile.TemporaryDirectory(prefix=f"bench_{stage}_") as tmp:
         default = interleaved(stage, steps, 0, Path(tmp))
@@ -163,6 +165,11 @@ def measure(stage: str, quick: bool) -> dict:
             worker = interleaved(stage, steps, 1, Path(tmp))
             worker.pop("dataset")
             detail["with_1_worker"] = {k: round(v, 3) if isinstance(v, float) else v for k, v in worker.items()}
+            if stage == "finetune":  # the loop alone, without the augmentation it runs in the main process
+                plain = interleaved(stage, steps, 0, Path(tmp), augment=False)
+                plain.pop("dataset")
+                detail["without_augmentation"] = {k: round(v, 3) if isinstance(v, float) else v
+                                                  for k, v in plain.items()}
     return entry(default["ratio"], "<= 1.05", detail)
 
 

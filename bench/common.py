@@ -61,14 +61,23 @@ def median(values: list[float]) -> float:
 
 
 def peak_rss_gib() -> float:
-    """Peak resident set size of this process so far (Linux ``ru_maxrss`` is in KiB)."""
+    """Peak resident set size of this process so far: ``VmHWM`` of /proc/self/status.
+
+    Not ``ru_maxrss``: Linux carries a parent's peak over fork + exec into the child's ``ru_maxrss``, so a
+    subprocess of a large parent would report the parent's peak (measured: every config read 10.96 GiB)."""
+    try:
+        for line in Path("/proc/self/status").read_text(encoding="utf-8").splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024 / GIB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
 
 
 def current_rss_gib() -> float:
     """Resident set size now (from /proc; falls back to the peak elsewhere)."""
     try:
-        pages = int(Path("/proc/self/statm").read_text().split()[1])
+        pages = int(Path("/proc/self/statm").read_text(encoding="utf-8").split()[1])
         return pages * os.sysconf("SC_PAGE_SIZE") / GIB
     except OSError:
         return peak_rss_gib()
@@ -76,7 +85,7 @@ def current_rss_gib() -> float:
 
 def run_json_subprocess(script: str, *args: str, timeout: float = 1800) -> dict[str, Any]:
     """``python bench/<script> ARGS`` in a fresh interpreter (its own peak RSS); returns its JSON stdout."""
-    result = subprocess.run([sys.executable, str(BENCH_DIR / script), *args], capture_output=True, text=True,
+    result = subprocess.run([sys.executable, str(BENCH_DIR / script), *args], capture_output=True, encoding="utf-8",
                             timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     if result.returncode != 0:
         raise RuntimeError(f"{script} {' '.join(args)} failed (exit {result.returncode}):\n{result.stderr[-3000:]}")
@@ -89,7 +98,7 @@ def machine() -> dict[str, Any]:
 
     model = platform.processor() or platform.machine()
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
             if line.startswith("model name"):
                 model = line.split(":", 1)[1].strip()
                 break
@@ -97,7 +106,7 @@ def machine() -> dict[str, Any]:
         pass
     memory = None
     try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
+        for line in Path("/proc/meminfo").read_text(encoding="utf-8").splitlines():
             if line.startswith("MemTotal"):
                 memory = round(int(line.split()[1]) * 1024 / GIB, 1)
     except OSError:

@@ -1,6 +1,6 @@
 """Run every samadapt benchmark on this machine; print one JSON object and write a Markdown table.
 
-    python bench/run.py [--quick] [--out bench/results.json] [--only KEY ...]
+    python bench/run.py [--quick] [--out bench/results.json] [--only KEY ... [--merge]] [--markdown-only]
 
 Keys (each ``{"value": float | null, "goal": str, "met": bool | null, "detail": {...}}``):
 finetune_overhead, pretrain_overhead, mae_speedup, embedding_cache_speedup, loader_headroom,
@@ -118,7 +118,9 @@ def markdown(results: dict[str, Any]) -> str:
         f"Machine: {info['cpu']}, {info['cores']} cores, {info['memory_gib']} GiB RAM, Python {info['python']}, "
         f"torch {info['torch']}, CUDA {'yes' if info['cuda'] else 'no'}. Run: `python bench/run.py"
         f"{' --quick' if info['quick'] else ''}` ({info['total_seconds']:.0f} s). Ratios are measured side by "
-        "side in one process; absolute times on this shared machine are context only.", "",
+        "side in one process; absolute times on this shared machine are context only."
+        + (f" Re-run afterwards with `--only ... --merge` ({info['rerun_seconds']:.0f} s): "
+           + ", ".join(f"`{k}`" for k in info["rerun_keys"]) + "." if info.get("rerun_keys") else ""), "",
         "| key | value | goal | met | detail |", "|---|---|---|---|---|",
     ]
     for key in KEYS:
@@ -147,7 +149,7 @@ def markdown(results: dict[str, Any]) -> str:
                   "overhead-bound: check `images_per_s` in metrics.csv against them."]
     analysis = BENCH_DIR / "analysis.md"
     if analysis.is_file():
-        lines += ["", analysis.read_text().rstrip()]
+        lines += ["", analysis.read_text(encoding="utf-8").rstrip()]
     return "\n".join(lines) + "\n"
 
 
@@ -156,8 +158,21 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny configs, few steps (≤ 3 minutes)")
     parser.add_argument("--out", type=Path, default=BENCH_DIR / "results.json", help="JSON output file")
     parser.add_argument("--only", nargs="+", choices=KEYS, help="run only these benchmarks")
+    parser.add_argument("--merge", action="store_true", help="with --only: update these keys in an existing --out")
+    parser.add_argument("--markdown-only", action="store_true", help="only rewrite RESULTS.md from an existing --out")
     args = parser.parse_args()
+    if args.markdown_only:
+        from samadapt.runs import write_text
+
+        write_text(args.out.with_name("RESULTS.md"), markdown(json.loads(args.out.read_text(encoding="utf-8"))))
+        return
     results, ok = run(args.quick, args.only)
+    if args.merge and args.out.is_file():
+        previous = json.loads(args.out.read_text(encoding="utf-8"))
+        machine_entry = previous["machine"]
+        machine_entry["detail"]["rerun_keys"] = [key for key in results if key != "machine"]
+        machine_entry["detail"]["rerun_seconds"] = results["machine"]["detail"]["total_seconds"]
+        results = {**previous, **results, "machine": machine_entry}
     text = json.dumps(results, indent=2)
     print(text)
     from samadapt.runs import write_text

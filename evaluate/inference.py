@@ -9,12 +9,18 @@ from __future__ import annotations
 import os
 import zlib
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from samadapt.data import Case, Preprocessing, VolumeSlices, to_sam_input
+from samadapt.errors import UserError
+from samadapt.finetune.loading import load_finetune_output, preprocessing_of
 from samadapt.finetune.prompts import prompts_from_labels
+from samadapt.finetune.segmenter import SamSegmenter
+from samadapt.keys import preprocessing
+from samadapt.models.checkpoints import load_sam
 
 
 @dataclass(frozen=True)
@@ -86,14 +92,6 @@ class LoadedModel:
 def load_model(config, prompt: str | None = None) -> LoadedModel:
     """``config.model`` is a finetune output folder (everything from its stage_output.json) or a plain
     SAM checkpoint (zero-shot: needs box/point prompts; arch, image_size, preprocessing from config)."""
-    from pathlib import Path
-
-    from samadapt.errors import UserError
-    from samadapt.finetune.loading import load_finetune_output, preprocessing_of
-    from samadapt.finetune.segmenter import SamSegmenter
-    from samadapt.keys import preprocessing
-    from samadapt.models.checkpoints import load_sam
-
     path = Path(config.model)
     if path.is_dir():
         model, record = load_finetune_output(path)
@@ -118,8 +116,6 @@ def load_model(config, prompt: str | None = None) -> LoadedModel:
 
 def output_name(image: str | os.PathLike, case_id: str | None = None) -> str:
     """Prediction file name in the input's format (DICOM series and unknown formats → NIfTI)."""
-    from pathlib import Path
-
     image = Path(image)
     for suffix in (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd"):
         if image.name.endswith(suffix):

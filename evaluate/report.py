@@ -191,7 +191,7 @@ def read_summary(eval_dir: Path) -> dict:
     if not path.is_file():
         raise UserError(f"{eval_dir}: no {SUMMARY} — run `samadapt evaluate ... out={eval_dir}` first")
     try:
-        summary = json.loads(path.read_text())
+        summary = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UserError(f"{path}: not valid JSON ({exc}) — rerun the evaluation") from None
     if not isinstance(summary, dict) or not isinstance(summary.get("mean"), dict) \

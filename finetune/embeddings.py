@@ -50,7 +50,7 @@ class EmbeddingDataset(Dataset):
         self.folder = Path(cache_root) / "embeddings" / hashlib.sha256(key_source.encode()).hexdigest()[:20]
         if not (self.folder / "index.json").is_file():
             self._build(segmenter, augment_config if views else None, batch_size, device)
-        index = json.loads((self.folder / "index.json").read_text())
+        index = json.loads((self.folder / "index.json").read_text(encoding="utf-8"))
         shape = tuple(index["shape"])
         self.embeddings = np.memmap(self.folder / "embeddings.f16", dtype=np.float16, mode="r", shape=shape)
         self.labels = None
@@ -89,7 +89,7 @@ class EmbeddingDataset(Dataset):
         embeddings.flush()
         if labels is not None:
             labels.flush()
-        (tmp / "index.json").write_text(json.dumps({"shape": list(embeddings.shape), "label_shape": [size, size]}))
+        (tmp / "index.json").write_text(json.dumps({"shape": list(embeddings.shape), "label_shape": [size, size]}), encoding="utf-8")
         try:
             os.rename(tmp, self.folder)  # another process may have won the race: keep its copy
         except OSError:

@@ -224,6 +224,8 @@ def save_finetuned(model: nn.Module, out_dir: str | os.PathLike) -> dict[str, Pa
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         written["adapter"] = out_dir / ADAPTER_DIR
+    else:  # an adapter folder of an earlier run in this folder would be read as part of this model
+        shutil.rmtree(out_dir / ADAPTER_DIR, ignore_errors=True)
     with atomic_path(out_dir / TRAINABLE_FILE) as tmp_file:
         save_file(_trained_tensors(model), str(tmp_file), metadata={"format": "samadapt-trainable"})
     written["trainable"] = out_dir / TRAINABLE_FILE
@@ -262,7 +264,7 @@ def _load_lora(peft_sam: PeftModel, adapter_dir: Path) -> None:
     config_path, weights_path = adapter_dir / "adapter_config.json", adapter_dir / "adapter_model.safetensors"
     if not (config_path.is_file() and weights_path.is_file()):
         raise UserError(f"{adapter_dir}: no peft adapter_config.json + adapter_model.safetensors — trained without LoRA?")
-    saved = json.loads(config_path.read_text())
+    saved = json.loads(config_path.read_text(encoding="utf-8"))
     config = peft_sam.peft_config["default"]
     for field in ("r", "lora_alpha", "target_modules"):
         if saved.get(field) != getattr(config, field):

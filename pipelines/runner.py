@@ -207,7 +207,7 @@ def stage_status(config: Any) -> str:
         if status == "resume" and not any((out / "state").glob("step_*/progress.json")):
             break
         if path.is_file():
-            record = json.loads(path.read_text())
+            record = json.loads(path.read_text(encoding="utf-8"))
             if record.get("config") == current and inputs_unchanged(record.get("inputs", {})):
                 return status
     return "run"

@@ -78,7 +78,7 @@ def _failed_write(exc: BaseException, path: Path) -> OSError | None:
 def write_text(path: str | os.PathLike, text: str) -> Path:
     """Atomically write ``text`` to ``path``."""
     with atomic_path(path) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")
     return Path(path)
 
 
@@ -128,7 +128,7 @@ def _files_to_hash(folder: Path) -> list[Path]:
     record = folder / STAGE_OUTPUT
     if not record.is_file():
         return [p for p in folder.rglob("*") if p.is_file()]
-    listed = [folder / name for name in json.loads(record.read_text()).get("artifacts", {}).values()]
+    listed = [folder / name for name in json.loads(record.read_text(encoding="utf-8")).get("artifacts", {}).values()]
     return [record, *(p for entry in listed for p in ([entry] if entry.is_file() else entry.rglob("*"))
                       if p.is_file())]
 
@@ -153,7 +153,7 @@ def read_stage_output(stage_dir: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"{stage_dir}: no {STAGE_OUTPUT} — the stage did not finish (rerun it to resume)")
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise UserError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
 
@@ -189,7 +189,7 @@ def begin_stage(config: Any, **input_paths: str | os.PathLike | None) -> StageRu
     inputs = input_record(**input_paths)
     current = {"config": to_dict(config), "inputs": inputs}
     previous_path = out / RUN_CONFIG
-    if previous_path.is_file() and json.loads(previous_path.read_text()) != current:
+    if previous_path.is_file() and json.loads(previous_path.read_text(encoding="utf-8")) != current:
         if (out / "state").is_dir():
             print(f"{out}: config or inputs changed since the saved training states — starting over")
             shutil.rmtree(out / "state", ignore_errors=True)  # other processes may race here

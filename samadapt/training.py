@@ -156,7 +156,7 @@ class Trainer:
             return 0
         newest = states[-1]
         self.accelerator.load_state(str(newest))
-        progress = json.loads((newest / PROGRESS_FILE).read_text())
+        progress = json.loads((newest / PROGRESS_FILE).read_text(encoding="utf-8"))
         for name, obj in stateful.items():
             obj.load_state_dict(progress["objects"][name])
         return progress["step"]
@@ -273,7 +273,7 @@ class Trainer:
         path = self.out_dir / "metrics.csv"
         if not start or not path.is_file():
             return []
-        with open(path, newline="") as handle:
+        with open(path, newline="", encoding="utf-8") as handle:
             return [row for row in csv.DictReader(handle) if int(row["step"]) <= start]
 
     def _write_history(self, rows: list[dict[str, Any]]) -> None:

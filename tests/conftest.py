@@ -90,8 +90,8 @@ def small_manifests(demo_dir, tmp_path_factory) -> dict[str, Path]:
     paths = {}
     for name, entries in rows.items():
         paths[name] = folder / f"{name}.jsonl"
-        paths[name].write_text("".join(json.dumps(e) + "\n" for e in entries))
-    (folder / "labels.json").write_text(json.dumps({"labels": {"background": 0, "brain": 1}}))
+        paths[name].write_text("".join(json.dumps(e) + "\n" for e in entries), encoding="utf-8")
+    (folder / "labels.json").write_text(json.dumps({"labels": {"background": 0, "brain": 1}}), encoding="utf-8")
     return paths
 
 

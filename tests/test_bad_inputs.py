@@ -44,7 +44,7 @@ def _nifti(path: Path, array: np.ndarray, affine: np.ndarray = AFFINE) -> Path:
 
 
 def _manifest(path: Path, *rows: dict) -> Path:
-    path.write_text("".join(json.dumps({"modality": "MR", "split": "train", **row}) + "\n" for row in rows))
+    path.write_text("".join(json.dumps({"modality": "MR", "split": "train", **row}) + "\n" for row in rows), encoding="utf-8")
     return path
 
 
@@ -127,11 +127,11 @@ def bad(tmp_path_factory, tiny_checkpoint) -> Path:
     }
     for name, rows in manifests.items():
         _manifest(d / f"{name}.jsonl", *rows)
-    (d / "empty.jsonl").write_text("\n")
-    (d / "bad_json.jsonl").write_text('{"id": "a", "image": "img.nii.gz"\n')
+    (d / "empty.jsonl").write_text("\n", encoding="utf-8")
+    (d / "bad_json.jsonl").write_text('{"id": "a", "image": "img.nii.gz"\n', encoding="utf-8")
 
-    (d / "unknown_key.yaml").write_text("arch: vit_tiny\nlearning_rate: 0.1\n")
-    (d / "bad_yaml.yaml").write_text("arch: vit_tiny\n  lr: [0.1\n")
+    (d / "unknown_key.yaml").write_text("arch: vit_tiny\nlearning_rate: 0.1\n", encoding="utf-8")
+    (d / "bad_yaml.yaml").write_text("arch: vit_tiny\n  lr: [0.1\n", encoding="utf-8")
     whole = tiny_checkpoint.read_bytes()
     (d / "truncated.pth").write_bytes(whole[: len(whole) // 3])
     (d / "truncated.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":")
@@ -256,7 +256,7 @@ def test_empty_label_volume_warns_and_training_goes_on(finetuned):
     assert len(warnings) == 1, result.stderr
     assert "lab_empty.nii.gz" in warnings[0] and "'blank'" in warnings[0] and "empty" in warnings[0]
     assert "Traceback" not in result.stderr
-    assert json.loads((out / "stage_output.json").read_text())["metrics"]["steps"] == 1
+    assert json.loads((out / "stage_output.json").read_text(encoding="utf-8"))["metrics"]["steps"] == 1
 
 
 # --- safe loading (part 4) -----------------------------------------------------------------------------
@@ -283,7 +283,7 @@ def test_no_unsafe_loading_in_the_source_tree():
     assert len(sources) > 30 and any(p.parts[-2] == "evaluate" for p in sources)
     unsafe, torch_loads = [], 0
     for path in sources:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
         for call in _calls(text, "torch.load"):
             torch_loads += 1
             if not re.search(r"weights_only\s*=\s*True", call):

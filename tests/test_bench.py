@@ -16,10 +16,10 @@ KEYS = ("finetune_overhead", "pretrain_overhead", "mae_speedup", "embedding_cach
 def test_quick_benchmark_suite_writes_the_schema(tmp_path, demo_dir):
     out = tmp_path / "results.json"
     result = subprocess.run([sys.executable, str(REPO / "bench" / "run.py"), "--quick", "--out", str(out)],
-                            capture_output=True, text=True, timeout=900, cwd=tmp_path,
+                            capture_output=True, encoding="utf-8", timeout=900, cwd=tmp_path,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert result.returncode == 0, result.stderr[-4000:]
-    written = json.loads(out.read_text())
+    written = json.loads(out.read_text(encoding="utf-8"))
     assert json.loads(result.stdout) == written
     for key in KEYS:
         assert key in written, key
@@ -32,5 +32,5 @@ def test_quick_benchmark_suite_writes_the_schema(tmp_path, demo_dir):
         if row["goal"] != "report":
             assert (row["met"] is None) == (row["value"] is None), key
     assert written["vit_b_1024_lora_peak_gib"]["value"] is None  # a full-run-only benchmark
-    table = (tmp_path / "RESULTS.md").read_text()
+    table = (tmp_path / "RESULTS.md").read_text(encoding="utf-8")
     assert all(f"`{key}`" in table for key in KEYS) and written["machine"]["detail"]["cpu"] in table

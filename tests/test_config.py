@@ -44,7 +44,7 @@ def test_overrides_are_typed_and_nested(tmp_path):
 
 def test_yaml_then_overrides_win(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("data: a.jsonl\narch: vit_tiny\nlora:\n  rank: 2\n  alpha: 4\n")
+    path.write_text("data: a.jsonl\narch: vit_tiny\nlora:\n  rank: 2\n  alpha: 4\n", encoding="utf-8")
     cfg = parse_config(Example, path, ["lora.rank=3"])
     assert (cfg.data, cfg.arch, cfg.lora.rank, cfg.lora.alpha) == ("a.jsonl", "vit_tiny", 3, 4.0)
 
@@ -68,7 +68,7 @@ def test_bad_keys_are_one_line_user_errors(overrides, message):
 
 def test_bad_yaml_names_file(tmp_path):
     path = tmp_path / "bad.yaml"
-    path.write_text("data: [unclosed\n")
+    path.write_text("data: [unclosed\n", encoding="utf-8")
     with pytest.raises(UserError, match="bad.yaml: not valid YAML at line"):
         parse_config(Example, path, [])
     with pytest.raises(UserError, match="missing.yaml: config file not found"):

@@ -61,9 +61,9 @@ def test_lost_rename_race_keeps_the_winner(tmp_path):
 
     case = _case(tmp_path)
     entry = cached_slices(case, PREP, tmp_path / "cache")
-    index_before = (entry.folder / "index.json").read_text()
+    index_before = (entry.folder / "index.json").read_text(encoding="utf-8")
     _build(case, PREP, entry.folder, None)  # a slower process finishes the same entry: its rename loses
-    assert (entry.folder / "index.json").read_text() == index_before
+    assert (entry.folder / "index.json").read_text(encoding="utf-8") == index_before
     assert [p.name for p in (tmp_path / "cache" / "slices").iterdir()] == [entry.folder.name]
 
 

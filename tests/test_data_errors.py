@@ -118,7 +118,7 @@ def _dicom_series(folder, uid, slices=3):
 def test_dicom_folders(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
-    (empty / "notes.txt").write_text("no images here")
+    (empty / "notes.txt").write_text("no images here", encoding="utf-8")
     _fails(r"empty: no DICOM series found in this folder", VolumeSlices, empty, PREP)
     _dicom_series(tmp_path / "two", "1.2.826.0.1.1")
     _dicom_series(tmp_path / "two", "1.2.826.0.1.2", slices=2)

@@ -45,7 +45,7 @@ def test_nnunet_v2_import_with_val_split(tmp_path, capsys):
     assert all(c.label == root / "labelsTr" / f"{c.id}.nii.gz" for c in train)
     assert [c.id for c in cases if c.split == "test"] == ["liver_900"] and cases[-1].label is None
     assert load_label_names(out) == {0: "background", 1: "liver", 2: "tumour"}
-    assert not json.loads(out.read_text().splitlines()[0])["image"].startswith("/")  # relative to the manifest
+    assert not json.loads(out.read_text(encoding="utf-8").splitlines()[0])["image"].startswith("/")  # relative to the manifest
     # same seed → same split; other seed → (here) another split
     again = tmp_path / "again.jsonl"
     main(["data", "import", str(root), f"out={again}", "--val-fraction", "0.4", "--seed", "3"])

@@ -19,7 +19,7 @@ def _volume(path):
 
 
 def _jsonl(path, rows):
-    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
     return path
 
 
@@ -41,7 +41,7 @@ def test_jsonl_and_csv_resolve_relative_home_and_variables(tmp_path, monkeypatch
     assert cases[2].image == tmp_path / "data" / "a.nii.gz" and cases[2].fold == 1
     assert [c.id for c in load_manifest(manifest, split="test")] == ["b"]
     csv = tmp_path / "m.csv"
-    csv.write_text("id,image,label,modality,split\na,data/a.nii.gz,data/a_seg.nii.gz,MR,train\n")
+    csv.write_text("id,image,label,modality,split\na,data/a.nii.gz,data/a_seg.nii.gz,MR,train\n", encoding="utf-8")
     assert load_manifest(csv, require_labels=True)[0].label == tmp_path / "data" / "a_seg.nii.gz"
 
 
@@ -67,7 +67,7 @@ def test_all_problems_reported_at_once(tmp_path):
 
 def test_empty_manifest_missing_labels_and_empty_split(tmp_path):
     empty = tmp_path / "empty.jsonl"
-    empty.write_text("\n")
+    empty.write_text("\n", encoding="utf-8")
     with pytest.raises(UserError, match="empty manifest"):
         load_manifest(empty)
     _volume(tmp_path / "a.nii.gz")
@@ -92,9 +92,9 @@ def test_folds_select_train_and_val(tmp_path):
 
 def test_label_names_and_cache_variable(tmp_path, monkeypatch):
     manifest = tmp_path / "set.jsonl"
-    (tmp_path / "set.labels.json").write_text(json.dumps({"labels": {"background": 0, "liver": 1, "tumour": 2}}))
+    (tmp_path / "set.labels.json").write_text(json.dumps({"labels": {"background": 0, "liver": 1, "tumour": 2}}), encoding="utf-8")
     assert load_label_names(manifest) == {0: "background", 1: "liver", 2: "tumour"}
-    (tmp_path / "labels.json").write_text(json.dumps({"0": "background", "1": "brain"}))
+    (tmp_path / "labels.json").write_text(json.dumps({"0": "background", "1": "brain"}), encoding="utf-8")
     assert load_label_names(tmp_path / "other.jsonl") == {0: "background", 1: "brain"}
     assert load_label_names(tmp_path / "sub" / "x.jsonl") is None
     monkeypatch.setenv("SAMADAPT_CACHE", str(tmp_path / "cache"))

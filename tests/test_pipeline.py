@@ -31,7 +31,7 @@ def write_pipeline(folder: Path, manifests, checkpoint, **stage_overrides) -> Pa
     for stage, config in stage_overrides.items():
         spec["stages"][stage]["config"].update(config)
     path = folder / "tiny.yaml"
-    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    path.write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
     return path
 
 
@@ -59,9 +59,9 @@ def pipeline_run(small_manifests, tiny_checkpoint, tmp_path_factory):
 def test_first_run_runs_every_stage_and_writes_the_bundle(pipeline_run):
     _, runs, first = pipeline_run
     assert statuses(first.stdout) == {"pretrain": "running", "finetune": "running", "evaluate": "running"}
-    bundle = json.loads((runs / "pipeline.json").read_text())
+    bundle = json.loads((runs / "pipeline.json").read_text(encoding="utf-8"))
     assert bundle["stages"]["finetune"]["checkpoint"] == str(runs / "pretrain" / "sam_checkpoint.pth")
-    assert (runs / "compare.md").is_file() and "evaluate" in (runs / "compare.md").read_text()
+    assert (runs / "compare.md").is_file() and "evaluate" in (runs / "compare.md").read_text(encoding="utf-8")
 
 
 def test_rerun_skips_what_is_up_to_date_and_reruns_what_changed(pipeline_run):
@@ -69,17 +69,17 @@ def test_rerun_skips_what_is_up_to_date_and_reruns_what_changed(pipeline_run):
     again = run_cli("run", path, "--runs-dir", runs)
     assert statuses(again.stdout) == {"pretrain": "up to date", "finetune": "up to date", "evaluate": "up to date"}
 
-    evaluated_before = (runs / "evaluate" / "stage_output.json").read_text()
+    evaluated_before = (runs / "evaluate" / "stage_output.json").read_text(encoding="utf-8")
     (runs / "evaluate" / "stage_output.json").unlink()  # as if evaluate had crashed
     only_evaluate = run_cli("run", path, "--runs-dir", runs)
     assert statuses(only_evaluate.stdout) == {"pretrain": "up to date", "finetune": "up to date",
                                               "evaluate": "running"}
     assert json.loads(evaluated_before)["metrics"]["foreground_mean"] == json.loads(
-        (runs / "evaluate" / "stage_output.json").read_text())["metrics"]["foreground_mean"]
+        (runs / "evaluate" / "stage_output.json").read_text(encoding="utf-8"))["metrics"]["foreground_mean"]
 
     changed = run_cli("run", path, "--runs-dir", runs, "finetune.lr=2e-3")
     assert statuses(changed.stdout) == {"pretrain": "up to date", "finetune": "running", "evaluate": "running"}
-    assert json.loads((runs / "finetune" / "stage_output.json").read_text())["config"]["lr"] == 2e-3
+    assert json.loads((runs / "finetune" / "stage_output.json").read_text(encoding="utf-8"))["config"]["lr"] == 2e-3
 
 
 def test_killed_stage_resumes_and_downstream_reruns(small_manifests, tiny_checkpoint, tmp_path):
@@ -93,7 +93,7 @@ def test_killed_stage_resumes_and_downstream_reruns(small_manifests, tiny_checkp
         ["pretrain", "pretrain", "up"], ["finetune", "finetune", "resume"], ["evaluate", "evaluate", "run"]]
     resumed = run_cli("run", path, "--runs-dir", runs)
     assert statuses(resumed.stdout) == {"pretrain": "up to date", "finetune": "resuming", "evaluate": "running"}
-    metrics = json.loads((runs / "finetune" / "stage_output.json").read_text())["metrics"]
+    metrics = json.loads((runs / "finetune" / "stage_output.json").read_text(encoding="utf-8"))["metrics"]
     assert metrics["resumed_from_step"] >= 3 and metrics["steps"] == 12
 
 

@@ -51,7 +51,7 @@ def test_summary_means_ignore_nan_and_count_it():
 def test_summary_json_has_null_for_nan_and_rereads_to_the_same_means(tmp_path):
     summary = summarize(CASES)
     write_json(tmp_path / "summary.json", summary)
-    text = (tmp_path / "summary.json").read_text()
+    text = (tmp_path / "summary.json").read_text(encoding="utf-8")
     assert "NaN" not in text
     reread = json.loads(text)
     assert reread["metric_per_case"][1]["metrics"]["2"]["Dice"] is None
@@ -119,7 +119,7 @@ def test_compare_two_runs_writes_markdown_csv_and_chart(tmp_path):
     first = write_eval_dir(tmp_path / "runs" / "lora" / "evaluate", CASES)
     second = write_eval_dir(tmp_path / "runs" / "full" / "evaluate", CASES[:1])
     markdown = compare_runs([first, second], tmp_path / "compare", label_names={"1": "brain"})
-    assert (tmp_path / "compare.md").read_text() == markdown
+    assert (tmp_path / "compare.md").read_text(encoding="utf-8") == markdown
     lines = markdown.splitlines()
     assert lines[0] == "| run | class | Dice | IoU | NSD (2 mm) | HD95 (mm) |"
     mean_1 = summarize(CASES)["mean"]["1"]
@@ -145,7 +145,7 @@ def test_compare_names_and_refuses_bad_summaries(tmp_path):
         compare_runs([good, tmp_path / "missing_run"], tmp_path / "out")
     broken = tmp_path / "broken_run"
     broken.mkdir()
-    (broken / "summary.json").write_text("{not json")
+    (broken / "summary.json").write_text("{not json", encoding="utf-8")
     with pytest.raises(UserError, match="broken_run"):
         compare_runs([good, broken], tmp_path / "out")
     other = write_eval_dir(tmp_path / "other_tolerance", CASES, tolerance=1.0)

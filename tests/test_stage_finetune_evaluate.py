@@ -26,7 +26,7 @@ def finetune_args(data: Path, checkpoint, out: Path, **extra) -> list[str]:
 
 
 def record_of(folder: Path) -> dict:
-    return json.loads((folder / "stage_output.json").read_text())
+    return json.loads((folder / "stage_output.json").read_text(encoding="utf-8"))
 
 
 @pytest.fixture(scope="module")
@@ -47,10 +47,10 @@ def test_finetune_learns_and_saves_only_what_it_trained(finetuned):
     record = record_of(finetuned)
     metrics = record["metrics"]
     assert metrics["steps"] == 16 and metrics["train_cases"] == ["mni2mm"] and metrics["val_volumes"] == 1
-    with open(finetuned / "metrics.csv", newline="") as handle:
+    with open(finetuned / "metrics.csv", newline="", encoding="utf-8") as handle:
         loss = [float(row["loss"]) for row in csv.DictReader(handle)]
     assert len(loss) == 16 and np.mean(loss[-4:]) < 0.8 * np.mean(loss[:4]), loss
-    validation = json.loads((finetuned / "validation.json").read_text())
+    validation = json.loads((finetuned / "validation.json").read_text(encoding="utf-8"))
     assert validation["best_step"] in (8, 16) and 0.0 <= validation["best_dice"] <= 1.0
     assert metrics["best_val_dice"] == validation["best_dice"]
     with safe_open(str(finetuned / "trainable.safetensors"), "pt") as handle:
@@ -65,7 +65,7 @@ def test_finetune_learns_and_saves_only_what_it_trained(finetuned):
 
 
 def losses(out: Path) -> dict[int, float]:
-    with open(out / "metrics.csv", newline="") as handle:
+    with open(out / "metrics.csv", newline="", encoding="utf-8") as handle:
         return {int(row["step"]): float(row["loss"]) for row in csv.DictReader(handle)}
 
 
@@ -99,7 +99,7 @@ def test_finetune_runs_as_two_processes(small_manifests, tiny_checkpoint, tmp_pa
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                "-m", "samadapt", *map(str, args)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600,
+    result = subprocess.run(command, capture_output=True, encoding="utf-8", timeout=600,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     record = record_of(out)
@@ -110,8 +110,8 @@ def test_finetune_runs_as_two_processes(small_manifests, tiny_checkpoint, tmp_pa
 
 
 def test_evaluate_writes_nnunet_style_summary_and_masks_in_input_geometry(evaluated, small_manifests):
-    summary = json.loads((evaluated / "summary.json").read_text())
-    with open(evaluated / "per_case.csv", newline="") as handle:
+    summary = json.loads((evaluated / "summary.json").read_text(encoding="utf-8"))
+    with open(evaluated / "per_case.csv", newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
     assert [(row["case"], row["label_name"]) for row in rows] == [("colin27_test", "brain")]
     assert summary["label_names"] == {"0": "background", "1": "brain"}
@@ -122,7 +122,7 @@ def test_evaluate_writes_nnunet_style_summary_and_masks_in_input_geometry(evalua
     assert summary["foreground_mean"]["Dice"] == pytest.approx(dice)
     assert float(rows[0]["dice"]) == pytest.approx(dice, abs=1e-6)
 
-    source = nib.load(json.loads(small_manifests["brain"].read_text().splitlines()[2])["image"])
+    source = nib.load(json.loads(small_manifests["brain"].read_text(encoding="utf-8").splitlines()[2])["image"])
     prediction = nib.load(per_case[0]["prediction_file"])
     assert prediction.shape == source.shape
     np.testing.assert_allclose(prediction.affine, source.affine, atol=1e-4)
@@ -137,7 +137,7 @@ def test_evaluate_writes_nnunet_style_summary_and_masks_in_input_geometry(evalua
 
 
 def test_predict_writes_one_mask_per_image(finetuned, small_manifests, tmp_path):
-    image = json.loads(small_manifests["brain"].read_text().splitlines()[0])["image"]
+    image = json.loads(small_manifests["brain"].read_text(encoding="utf-8").splitlines()[0])["image"]
     run_cli("predict", f"model={finetuned}", f"input={image}", f"out={tmp_path / 'pred'}")
     written = list((tmp_path / "pred").glob("*.nii.gz"))
     assert len(written) == 1
@@ -164,12 +164,12 @@ def test_frozen_encoder_with_box_prompts_uses_the_embedding_cache_and_exports_me
 
 
 def test_labels_beyond_num_classes_are_refused_naming_the_file(small_manifests, tiny_checkpoint, tmp_path):
-    row = json.loads(small_manifests["brain"].read_text().splitlines()[0])
+    row = json.loads(small_manifests["brain"].read_text(encoding="utf-8").splitlines()[0])
     mask = nib.load(row["label"])
     bad = tmp_path / "three_classes.nii.gz"
     nib.save(nib.Nifti1Image((np.asarray(mask.dataobj) > 0).astype(np.uint8) * 3, mask.affine), bad)
     manifest = tmp_path / "bad.jsonl"
-    manifest.write_text(json.dumps({**row, "label": str(bad)}) + "\n")
+    manifest.write_text(json.dumps({**row, "label": str(bad)}) + "\n", encoding="utf-8")
     result = run_cli(*finetune_args(manifest, tiny_checkpoint, tmp_path / "out", val_split="none"), expect=None)
     assert_one_line_error(result, "three_classes.nii.gz", "num_classes")
     assert not (tmp_path / "out" / "stage_output.json").exists()
@@ -191,7 +191,7 @@ def test_evaluate_refuses_a_folder_that_is_not_a_finished_run(small_manifests, t
 def test_predict_is_independent_of_voxel_order_and_keeps_each_input_geometry(finetuned, small_manifests, tmp_path):
     """The same anatomy stored in another voxel order (LSA, flipped and permuted axes) with an offset origin:
     each mask carries its input's exact header, and in world space both masks are the same."""
-    source_path = json.loads(small_manifests["brain"].read_text().splitlines()[0])["image"]
+    source_path = json.loads(small_manifests["brain"].read_text(encoding="utf-8").splitlines()[0])["image"]
     source = nib.load(source_path)
     current = nib.orientations.io_orientation(source.affine)
     reoriented = source.as_reoriented(nib.orientations.ornt_transform(current, nib.orientations.axcodes2ornt("LSA")))
@@ -214,9 +214,9 @@ def test_predict_is_independent_of_voxel_order_and_keeps_each_input_geometry(fin
 
 
 def test_evaluate_warns_about_a_modality_the_model_never_saw(finetuned, small_manifests, tmp_path):
-    rows = [json.loads(line) for line in small_manifests["brain"].read_text().splitlines()]
+    rows = [json.loads(line) for line in small_manifests["brain"].read_text(encoding="utf-8").splitlines()]
     manifest = tmp_path / "ct.jsonl"
-    manifest.write_text(json.dumps({**rows[2], "modality": "CT", "split": "test"}) + "\n")
+    manifest.write_text(json.dumps({**rows[2], "modality": "CT", "split": "test"}) + "\n", encoding="utf-8")
     result = run_cli("evaluate", f"model={finetuned}", f"data={manifest}", f"out={tmp_path / 'ev'}", "overlays=false")
     assert "warning:" in result.stderr and "CT" in result.stderr and "MR" in result.stderr
     assert record_of(tmp_path / "ev")["metrics"]["cases"] == 1

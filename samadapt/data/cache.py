@@ -44,7 +44,7 @@ def content_sha256(path: str | os.PathLike, cache_dir: str | os.PathLike | None 
         signature = [stat.st_size, stat.st_mtime_ns]
     record = Path(cache_dir or cache_root()) / "hashes" / (hashlib.sha256(str(path).encode()).hexdigest()[:32] + ".json")
     try:
-        known = json.loads(record.read_text())
+        known = json.loads(record.read_text(encoding="utf-8"))
         if known["path"] == str(path) and known["signature"] == signature:
             return known["sha256"]
     except (OSError, ValueError, KeyError):
@@ -59,7 +59,7 @@ class CachedSlices:
 
     def __init__(self, folder: Path):
         self.folder = folder
-        self.index = json.loads((folder / "index.json").read_text())
+        self.index = json.loads((folder / "index.json").read_text(encoding="utf-8"))
         self.mapping = SliceMapping.from_dict(self.index["mapping"])
         self._images: np.memmap | None = None
         self._labels: np.memmap | None = None

@@ -182,7 +182,7 @@ def _derive_ch2_mask(folder: Path, log: Callable[[str], None]) -> None:
     import SimpleITK as sitk
 
     target, stamp = folder / CH2_MASK, folder / (CH2_MASK + ".sha256")
-    if target.is_file() and stamp.is_file() and stamp.read_text().strip() == sha256_file(target):
+    if target.is_file() and stamp.is_file() and stamp.read_text(encoding="utf-8").strip() == sha256_file(target):
         return
     log(f"demo: deriving {CH2_MASK} = ch2bet > 0")
     reference = sitk.ReadImage(str(folder / "ch2.nii.gz"))

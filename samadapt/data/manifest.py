@@ -82,7 +82,7 @@ def resolve_manifest(arg: str | os.PathLike) -> Path:
 
 def read_rows(path: Path) -> list[tuple[int, dict]]:
     """``(line number, row)`` pairs of a JSON Lines or CSV manifest (blank lines skipped)."""
-    text = path.read_text()
+    text = path.read_text(encoding="utf-8")
     rows: list[tuple[int, dict]] = []
     if path.suffix.lower() == ".csv":
         reader = csv.DictReader(text.splitlines())
@@ -208,7 +208,7 @@ def load_label_names(manifest_path: str | os.PathLike) -> dict[int, str] | None:
                       manifest_path.with_name("labels.json")):
         if candidate.is_file():
             try:
-                data = json.loads(candidate.read_text())
+                data = json.loads(candidate.read_text(encoding="utf-8"))
             except json.JSONDecodeError as exc:
                 raise UserError(f"{candidate}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
             return _label_mapping(data.get("labels", data) if isinstance(data, dict) else data, candidate)
