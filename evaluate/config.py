@@ -18,10 +18,10 @@ class InferenceKeys(DataKeys):
     model: str = required("finetune output folder, or a SAM checkpoint (.pth/.safetensors) for zero-shot")
     out: Path = required("output folder")
     batch_size: int = key(8, "slices per forward pass")
-    save_probabilities: bool = key(False, "also write class probabilities as a 4D image per case")
     arch: Arch = key("vit_b", "checkpoint models only: SAM backbone")
     image_size: int = key(1024, "checkpoint models only: input size in px")
-    num_classes: int | None = key(None, "checkpoint models only: classes incl. background (none = from labels.json)")
+    num_classes: int | None = key(
+        None, "checkpoint models only: classes incl. background (none = from the manifest's labels.json)")
     seed: int = key(0, "seed for prompts drawn from the labels")
 
 
@@ -48,6 +48,7 @@ class EvaluateConfig(InferenceKeys):
 class PredictConfig(InferenceKeys):
     input: str = required("an image file, a folder of images / DICOM series, or a manifest")
     modality: str | None = key(None, "modality of the inputs (MR, CT); none = the manifest's or the training data's")
+    save_probabilities: bool = key(False, "also write class probabilities as a 4D image per case")
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:

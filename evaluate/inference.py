@@ -70,11 +70,11 @@ def predict_slices(model, slices: VolumeSlices, batch_size: int, prompts: Prompt
 
 
 def predict_case(model, case: Case, prep: Preprocessing, batch_size: int, prompts: PromptSettings,
-                 device: torch.device | str = "cpu", num_classes: int | None = None,
-                 with_label: bool = True) -> tuple[np.ndarray, VolumeSlices]:
-    """Predicted labels of ``case`` on its original voxel grid (z, y, x), and its VolumeSlices."""
-    slices = VolumeSlices(case.image, prep, case.modality, label=case.label if with_label else None,
-                          num_classes=num_classes)
+                 device: torch.device | str = "cpu", num_classes: int | None = None) -> tuple[np.ndarray, VolumeSlices]:
+    """Predicted labels of ``case`` on its original voxel grid (z, y, x), and its VolumeSlices (whose
+    ``reference`` is the case's label, checked against the image, when the case has one)."""
+    slices = VolumeSlices(case.image, prep, case.modality, label=case.label, num_classes=num_classes,
+                          series_uid=case.series_uid)
     return slices.to_volume(predict_slices(model, slices, batch_size, prompts, device)), slices
 
 
@@ -89,9 +89,10 @@ class LoadedModel:
     train_modalities: list[str]
 
 
-def load_model(config, prompt: str | None = None) -> LoadedModel:
+def load_model(config, prompt: str | None = None, default_num_classes: int | None = None) -> LoadedModel:
     """``config.model`` is a finetune output folder (everything from its stage_output.json) or a plain
-    SAM checkpoint (zero-shot: needs box/point prompts; arch, image_size, preprocessing from config)."""
+    SAM checkpoint (zero-shot: needs box/point prompts; arch, image_size, preprocessing from config, and
+    ``config.num_classes`` or else ``default_num_classes``)."""
     path = Path(config.model)
     if path.is_dir():
         model, record = load_finetune_output(path)
@@ -107,11 +108,12 @@ def load_model(config, prompt: str | None = None) -> LoadedModel:
         raise UserError(f"{path}: model not found — pass a finetune output folder or a SAM checkpoint")
     if prompt in (None, "none"):
         raise UserError(f"{path}: a plain SAM checkpoint segments only with prompts — set prompt=box or prompt=point")
-    if config.num_classes is None:
-        raise UserError(f"{path}: a plain SAM checkpoint needs num_classes= (classes incl. background)")
+    num_classes = config.num_classes or default_num_classes
+    if num_classes is None:
+        raise UserError(f"{path}: a plain SAM checkpoint needs num_classes= (classes incl. background) or a labels.json beside the manifest")
     sam = load_sam(config.arch, path, image_size=config.image_size)
-    model = SamSegmenter(sam, config.num_classes, prompt).eval()
-    return LoadedModel(model, preprocessing(config), config.num_classes, prompt, [])
+    model = SamSegmenter(sam, num_classes, prompt).eval()
+    return LoadedModel(model, preprocessing(config), num_classes, prompt, [])
 
 
 def output_name(image: str | os.PathLike, case_id: str | None = None) -> str:

@@ -24,23 +24,27 @@ MANIFEST_SUFFIXES = (".jsonl", ".csv")
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".mha", ".mhd")
 
 
-def list_inputs(spec: str, modality: str | None, default_modality: str) -> list[tuple[str, Path, str]]:
-    """``(name, image path, modality)`` for every volume ``spec`` names."""
+def list_inputs(spec: str, modality: str | None, default_modality: str) -> list[tuple[str, Path, str, str | None]]:
+    """``(output file name, image path, modality, DICOM series uid)`` for every volume ``spec`` names."""
     path = Path(spec)
     if not path.exists():
         raise UserError(f"{path}: input not found")
     if path.is_file() and path.name.endswith(MANIFEST_SUFFIXES):
-        return [(c.id, c.image, modality or c.modality) for c in load_manifest(path)]
+        return [(output_name(c.image, c.id), c.image, modality or c.modality, c.series_uid)
+                for c in load_manifest(path)]
     if path.is_file():
-        return [(output_name(path), path, modality or default_modality)]
+        return [(output_name(path), path, modality or default_modality, None)]
     found = sorted(p for p in path.iterdir() if p.name.endswith(IMAGE_SUFFIXES) or (p.is_dir() and any(p.iterdir())))
     if not found:
         raise UserError(f"{path}: no images (*.nii.gz, *.nrrd, *.mha) or DICOM series folders inside")
-    return [(output_name(p), p, modality or default_modality) for p in found]
+    return [(output_name(p), p, modality or default_modality, None) for p in found]
 
 
 def run(config: PredictConfig) -> list[Path]:
     state = PartialState()
+    if Path(config.model).is_file():
+        raise UserError(f"{config.model}: predict needs a finetune output folder — a plain SAM checkpoint segments "
+                        "only with prompts from reference labels (samadapt evaluate prompt=box|point)")
     out = ensure_writable_dir(config.out)
     loaded = load_model(config, None)
     if loaded.prompt != "none":
@@ -52,12 +56,14 @@ def run(config: PredictConfig) -> list[Path]:
     settings = PromptSettings("none")
     written = []
     with state.split_between_processes(inputs) as mine:
-        for name, image, modality in tqdm(mine, desc="predict", unit="volume", disable=not state.is_main_process):
-            slices = VolumeSlices(image, loaded.prep, modality)
-            target = out / (name if name.endswith(WRITABLE_SUFFIXES) else name + ".nii.gz")
+        for name, image, modality, series_uid in tqdm(mine, desc="predict", unit="volume",
+                                                      disable=not state.is_main_process):
+            slices = VolumeSlices(image, loaded.prep, modality, series_uid=series_uid)
+            target = out / name
             if config.save_probabilities:
                 scores = predict_slices(model, slices, config.batch_size, settings, state.device, probabilities=True)
-                slices.save_probabilities(scores, out / f"{name.split('.')[0]}_probabilities.nii.gz")
+                stem = next(name[: -len(s)] for s in WRITABLE_SUFFIXES if name.endswith(s))
+                slices.save_probabilities(scores, out / f"{stem}_probabilities.nii.gz")
                 labels = slices.to_volume(scores)
             else:
                 labels = slices.to_volume(predict_slices(model, slices, config.batch_size, settings, state.device))

@@ -156,29 +156,38 @@ def compare_runs(eval_dirs: Sequence[str | Path], out_prefix: str | Path, names:
         raise UserError(f"compare: {len(names)} names for {len(eval_dirs)} evaluation folders — give one name per folder")
     summaries = [read_summary(d) for d in eval_dirs]
     tolerance = _common_tolerance(eval_dirs, summaries)
-    label_names = {str(label): name for label, name in (label_names or {}).items()}
+    if label_names is None:  # the names the evaluations recorded from their manifests' labels.json
+        label_names = {k: v for s in summaries for k, v in (s.get("label_names") or {}).items()}
+    label_names = {str(label): name for label, name in label_names.items()}
     labels = sorted({label for s in summaries for label in s["mean"]}, key=int)
 
     columns = score_columns(tolerance)
-    rows = []  # (run, eval_dir, label or "foreground", class shown to people, {score: mean})
+    # (run, eval_dir, label or "foreground", class shown to people, {score: mean}, cases, cases without HD95)
+    rows = []
     for name, eval_dir, summary in zip(names, eval_dirs, summaries):
+        cases = len(summary.get("metric_per_case", []))
+        no_hd95 = {label: means.get("n_nan", {}).get("HD95", 0) for label, means in summary["mean"].items()}
         for label in labels:
             if label in summary["mean"]:
                 shown = f"{label} ({label_names[label]})" if label in label_names else label
-                rows.append((name, eval_dir, label, shown, summary["mean"][label]))
-        rows.append((name, eval_dir, FOREGROUND, "foreground mean", summary["foreground_mean"]))
+                rows.append((name, eval_dir, label, shown, summary["mean"][label], cases, no_hd95[label]))
+        rows.append((name, eval_dir, FOREGROUND, "foreground mean", summary["foreground_mean"], cases,
+                     sum(no_hd95[label] for label in no_hd95 if label != "0")))
 
-    markdown = [f"| run | class | Dice | IoU | NSD ({tolerance:g} mm) | HD95 (mm) |", "|---|---|---|---|---|---|"]
-    markdown += [f"| {run} | {shown} | " + " | ".join(_shown(means.get(s), s) for s in SCORES) + " |"
-                 for run, _, _, shown, means in rows]
+    # The HD95 mean skips cases without a value (empty prediction or both empty): show how many it skipped.
+    markdown = [f"| run | class | cases | Dice | IoU | NSD ({tolerance:g} mm) | HD95 (mm) | HD95 n/a |",
+                "|---|---|---|---|---|---|---|---|"]
+    markdown += [f"| {run} | {shown} | {cases} | " + " | ".join(_shown(means.get(s), s) for s in SCORES)
+                 + f" | {missing} |" for run, _, _, shown, means, cases, missing in rows]
     text = "\n".join(markdown) + "\n"
     write_text(Path(f"{out_prefix}.md"), text)
 
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["run", "eval_dir", "label", "label_name", *columns.values()])
-    for run, eval_dir, label, _, means in rows:
-        writer.writerow([run, eval_dir, label, label_names.get(label, ""), *(_cell(means.get(s)) for s in SCORES)])
+    writer.writerow(["run", "eval_dir", "label", "label_name", "cases", *columns.values(), "hd95_missing"])
+    for run, eval_dir, label, _, means, cases, missing in rows:
+        writer.writerow([run, eval_dir, label, label_names.get(label, ""), cases,
+                         *(_cell(means.get(s)) for s in SCORES), missing])
     write_text(Path(f"{out_prefix}.csv"), buffer.getvalue())
 
     _write_dice_bars(Path(f"{out_prefix}.png"), names, summaries, labels, label_names)

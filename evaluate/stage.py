@@ -36,7 +36,9 @@ def run(config: EvaluateConfig) -> StageOutput:
     state = PartialState()
     out = Path(config.out)
     cases = load_manifest(manifest, split=config.split, require_labels=True)
-    loaded = load_model(config, config.prompt)
+    label_names = load_label_names(manifest) or {}
+    # zero-shot without num_classes=: the classes named beside the manifest
+    loaded = load_model(config, config.prompt, default_num_classes=max(label_names) + 1 if label_names else None)
     model = loaded.model.to(state.device)
     unknown = sorted({c.modality for c in cases} - set(loaded.train_modalities)) if loaded.train_modalities else []
     if unknown and state.is_main_process:
@@ -48,12 +50,11 @@ def run(config: EvaluateConfig) -> StageOutput:
     with state.split_between_processes(cases) as mine:
         for case in mine:
             prediction, slices = predict_case(model, case, loaded.prep, config.batch_size, settings, state.device,
-                                              loaded.num_classes, with_label=settings.mode != "none")
+                                              loaded.num_classes)
             prediction_file = out / "predictions" / output_name(case.image, case.id)
             slices.write(prediction, prediction_file)
-            reference = readers.to_array(readers.read_volume(case.label), case.label)
             tick = time.perf_counter()
-            scores = case_metrics(prediction, reference, slices.geometry["spacing"][::-1], labels,
+            scores = case_metrics(prediction, slices.reference, slices.geometry["spacing"][::-1], labels,
                                   config.nsd_tolerance_mm)
             metric_seconds += time.perf_counter() - tick
             entries.append({"case_id": case.id, "reference_file": str(case.label),
@@ -65,11 +66,11 @@ def run(config: EvaluateConfig) -> StageOutput:
     if state.is_main_process:
         entries.sort(key=lambda e: e["case_id"])
         summary = summarize(entries, config.nsd_tolerance_mm)
-        summary["label_names"] = load_label_names(manifest) or {}
+        summary["label_names"] = label_names
         write_json(out / "summary.json", summary)
         write_per_case_csv(summary, out / "per_case.csv", summary["label_names"] or None)
         if config.overlays:
-            _write_overlays(entries, cases, out)
+            _write_overlays(entries, cases, loaded.prep, loaded.num_classes, out)
         wall = time.time() - stage_run.started
         metrics = {"cases": len(entries), "foreground_mean": summary["foreground_mean"],
                    "metric_seconds": round(metric_seconds, 3), "metric_share": round(metric_seconds / max(wall, 1e-9), 4),
@@ -83,7 +84,7 @@ def run(config: EvaluateConfig) -> StageOutput:
     return record
 
 
-def _write_overlays(entries: list[dict], cases: list, out: Path) -> None:
+def _write_overlays(entries: list[dict], cases: list, prep, num_classes: int, out: Path) -> None:
     """Overlays of the worst, median and best case by foreground Dice."""
     ranked = sorted((e for e in entries if not np.isnan(_foreground_dice(e))), key=_foreground_dice)
     if not ranked:
@@ -92,9 +93,9 @@ def _write_overlays(entries: list[dict], cases: list, out: Path) -> None:
     by_id = {c.id: c for c in cases}
     for tag, entry in picks.items():
         case = by_id[entry["case_id"]]
-        volume = readers.read_volume(case.image)
+        volume = readers.read_volume(case.image, channel=prep.channel, series_uid=case.series_uid)
         image = readers.to_array(volume, case.image)
-        reference = readers.to_array(readers.read_volume(case.label), case.label)
+        reference = readers.read_label(case.label, volume, case.image, prep.resample_labels, num_classes)
         prediction = readers.to_array(readers.read_volume(entry["prediction_file"]), entry["prediction_file"])
         write_overlay_png(image, reference, prediction, out / "overlays" / f"{case.id}.png",
                           f"{case.id} ({tag}, Dice {_foreground_dice(entry):.3f})", spacing=volume.GetSpacing()[::-1])

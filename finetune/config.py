@@ -120,6 +120,16 @@ class FinetuneConfig(ModelKeys, DataKeys, TrainKeys, StrategyKeys, PromptKeys):
             weights = self.class_weights.split(",")
             if len(weights) != self.num_classes:
                 raise ValueError(f"class_weights has {len(weights)} values but num_classes={self.num_classes}")
+            try:
+                [float(w) for w in weights]
+            except ValueError:
+                raise ValueError(f"class_weights={self.class_weights!r}: expected numbers like 0.2,1,3") from None
+            if self.prompt != "none" or self.num_classes == 2:
+                raise ValueError("class_weights needs prompt=none and num_classes > 2 (softmax) — drop class_weights")
+        # Checked before training, not after it: plain SAM weights hold neither a class head nor adapters.
+        if self.export_merged and (self.prompt == "none" or "adapter" in (self.encoder, self.decoder)):
+            raise ValueError("export_merged=true needs prompt=box|point and no adapters — plain SAM weights cannot "
+                             "hold the automatic mode's class head or bottleneck adapters")
         if self.train_cases is not None and self.train_cases < 1:
             raise ValueError(f"train_cases={self.train_cases}: must be at least 1")
 

@@ -43,7 +43,9 @@ class EmbeddingDataset(Dataset):
                  augment_config: AugmentConfig | None, seed: int, batch_size: int = 8,
                  device: torch.device | str = "cpu"):
         self.slices, self.views, self.seed, self.epoch = slices, max(views, 1), seed, 0
-        ids = [(slices.entries[e][0].id, slices.entries[e][1].mapping.plane, i) for e, i in slices.items]
+        # Slice cache entries are keyed by the volume's content and preprocessing, so an edited image or
+        # another dataset with the same case ids gets its own embeddings.
+        ids = [(slices.entries[e][1].folder.name, slices.entries[e][1].mapping.plane, i) for e, i in slices.items]
         key_source = json.dumps({"encoder": encoder_fingerprint(segmenter.sam.image_encoder),
                                  "prep": slices.prep.key(), "items": ids, "views": views, "seed": seed,
                                  "augment": None if not views else repr(augment_config)})

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from monai.losses import DiceCELoss
+from monai.metrics import compute_dice
 from segment_anything.modeling import MaskDecoder
 from torch import nn
 
@@ -200,6 +201,16 @@ class SamSegmenter(nn.Module):
             return logits.softmax(1)
         foreground = self._mask_absent(logits, present).sigmoid()
         return torch.cat([1 - foreground.amax(1, keepdim=True), foreground], dim=1)
+
+    @torch.no_grad()
+    def batch_dice(self, logits: torch.Tensor, labels: torch.Tensor, present: torch.Tensor | None = None) -> float:
+        """Mean foreground Dice of this batch's predictions (logits B x C x S x S, labels B x S x S), over the
+        (slice, class) pairs where prediction or label has the class; NaN if there are none."""
+        predicted = F.one_hot(self.predict_labels(logits.detach(), present), self.num_classes).permute(0, 3, 1, 2)
+        reference = F.one_hot(labels.long(), self.num_classes).permute(0, 3, 1, 2)
+        dice = compute_dice(predicted, reference, include_background=False, ignore_empty=False)
+        both_empty = (predicted[:, 1:].sum((2, 3)) == 0) & (reference[:, 1:].sum((2, 3)) == 0)
+        return float(torch.nanmean(dice.masked_fill(both_empty, float("nan"))))
 
     def _mask_absent(self, logits: torch.Tensor, present: torch.Tensor | None) -> torch.Tensor:
         if self.prompt == "none":

@@ -10,6 +10,7 @@ stopping) → ``out/adapter/`` (peft), ``out/trainable.safetensors``, optional `
 from __future__ import annotations
 
 import json
+import math
 import random
 import zlib
 from pathlib import Path
@@ -80,8 +81,7 @@ class Validator:
         for case in self.cases:
             prediction, slices = predict_case(model, case, self.prep, self.config.eval_batch_size, settings,
                                               self.accelerator.device, self.config.num_classes)
-            reference = slices.to_volume(slices.labels)
-            metrics = case_metrics(prediction, reference, slices.geometry["spacing"][::-1],
+            metrics = case_metrics(prediction, slices.reference, slices.geometry["spacing"][::-1],
                                    range(1, self.config.num_classes))
             scores += [m["Dice"] for m in metrics.values() if not np.isnan(m["Dice"])]
         return float(np.mean(scores)) if scores else float("nan")
@@ -94,7 +94,8 @@ class Validator:
             dice = self.mean_dice(segmenter)
             state = self.state
             state["history"].append({"step": step, "val_dice": dice})
-            if state["best_dice"] is None or dice > state["best_dice"]:
+            best = state["best_dice"]
+            if best is None or (not math.isnan(dice) and (math.isnan(best) or dice > best)):  # NaN is the worst
                 state.update(best_dice=dice, best_step=step, bad_rounds=0)
                 save_finetuned(segmenter, self.config.out)
             else:
@@ -157,7 +158,8 @@ def run(config: FinetuneConfig) -> StageOutput:
         else:
             logits = prepared(to_sam_input(batch["image"]), prompts)
         present = None if prompts is None else prompts.present
-        return segmenter.loss_fn(logits, labels, present, config.class_weight_values), {}
+        loss = segmenter.loss_fn(logits, labels, present, config.class_weight_values)
+        return loss, {"train_dice": segmenter.batch_dice(logits, labels, present)}
 
     steps_per_epoch = max(1, len(dataset) // (config.batch_size * accelerator.num_processes * config.grad_accumulation))
     validate_every = config.val_every or steps_per_epoch

@@ -202,7 +202,7 @@ def _replace_dir(tmp: Path, dest: Path) -> None:
     """Move the finished folder ``tmp`` to ``dest``, replacing an older ``dest`` (renames only)."""
     old = None
     if dest.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old.", dir=dest.parent))
+        old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old.tmp", dir=dest.parent))
         os.replace(dest, old / dest.name)
     os.replace(tmp, dest)
     if old is not None:
@@ -217,7 +217,7 @@ def save_finetuned(model: nn.Module, out_dir: str | os.PathLike) -> dict[str, Pa
     out_dir = ensure_writable_dir(out_dir)
     written: dict[str, Path] = {}
     if isinstance(model.sam, PeftModel):
-        tmp = Path(tempfile.mkdtemp(prefix=f".{ADAPTER_DIR}.", dir=out_dir))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{ADAPTER_DIR}.tmp", dir=out_dir))
         try:
             model.sam.save_pretrained(tmp)
             _replace_dir(tmp, out_dir / ADAPTER_DIR)

@@ -25,6 +25,7 @@ import itertools
 import json
 import os
 import re
+import shutil
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -35,7 +36,8 @@ from samadapt.errors import UserError
 from samadapt.runs import RUN_CONFIG, STAGE_OUTPUT, inputs_unchanged, versions, write_json
 
 ARTIFACT_FILES: dict[str, dict[str, str]] = {
-    "pretrain": {"sam_checkpoint": "sam_checkpoint.pth", "encoder": "encoder.safetensors"},
+    "pretrain": {"sam_checkpoint": "sam_checkpoint.pth", "sam_safetensors": "sam_checkpoint.safetensors",
+                 "encoder": "encoder.safetensors"},
     "finetune": {"adapter": "adapter", "trainable": "trainable.safetensors", "sam_merged": "sam_merged.pth"},
     "evaluate": {"summary": "summary.json", "predictions": "predictions"},
 }
@@ -72,7 +74,13 @@ def locate(pipeline: str) -> Path:
 
 
 def _cell_id(cell: dict[str, Any]) -> str:
-    return "-".join(str(v["name"] if isinstance(v, dict) else v) for v in cell.values())
+    """``vit_b-lora``: each axis value, or for a mapping its ``name`` (else its values joined by ``_``)."""
+    def part(value: Any) -> str:
+        if isinstance(value, dict):
+            return str(value["name"]) if "name" in value else "_".join(str(v) for v in value.values())
+        return str(value)
+
+    return "-".join(part(v) for v in cell.values())
 
 
 def _refs(value: Any) -> list[str]:
@@ -94,6 +102,8 @@ def plan(spec: dict[str, Any], source: Path, root: Path) -> list[Stage]:
     from samadapt.cli import STAGES
 
     matrix = spec.get("matrix") or {}
+    if not isinstance(matrix, dict) or not all(isinstance(v, list) and v for v in matrix.values()):
+        raise UserError(f"{source}: 'matrix' must map each axis name to a non-empty list of values")
     cells = [dict(zip(matrix, combo)) for combo in itertools.product(*matrix.values())] if matrix else []
     deps: dict[str, set[str]] = {}
     for name, body in stages.items():
@@ -106,8 +116,7 @@ def plan(spec: dict[str, Any], source: Path, root: Path) -> list[Stage]:
         for ref in _refs(body.get("config") or {}):
             head = ref.split(".")[0]
             if head == "matrix":
-                if ref.split(".")[1] not in matrix:
-                    raise UserError(f"{source}: stage {name!r} uses ${{{ref}}} but the matrix has no such axis")
+                _check_matrix_ref(ref, matrix, f"{source}: stage {name!r}")
             elif head not in stages:
                 raise UserError(f"{source}: stage {name!r} references unknown stage ${{{ref}}}")
             else:
@@ -126,6 +135,20 @@ def plan(spec: dict[str, Any], source: Path, root: Path) -> list[Stage]:
                                  raw=dict(body.get("config") or {}), cell=cell, out=root / (name + suffix),
                                  deps=[d + (suffix if per_cell[d] else "") for d in sorted(deps[name])]))
     return planned
+
+
+def _check_matrix_ref(ref: str, matrix: dict[str, list], where: str) -> None:
+    """``matrix.AXIS`` or ``matrix.AXIS.FIELD`` where every value of that axis is a mapping with FIELD."""
+    parts = ref.split(".")
+    if len(parts) < 2 or parts[1] not in matrix:
+        raise UserError(f"{where} uses ${{{ref}}} but the matrix has no such axis (axes: {', '.join(matrix)})")
+    values = matrix[parts[1]]
+    if len(parts) == 2 and any(isinstance(v, dict) for v in values):
+        raise UserError(f"{where} uses ${{{ref}}} but matrix axis {parts[1]!r} holds mappings — name a field, "
+                        f"e.g. ${{{ref}.{next(iter(next(v for v in values if isinstance(v, dict))), 'name')}}}")
+    if len(parts) > 3 or (len(parts) == 3 and not all(isinstance(v, dict) and parts[2] in v for v in values)):
+        raise UserError(f"{where} uses ${{{ref}}}: not every value of matrix axis {parts[1]!r} has a field "
+                        f"{'.'.join(parts[2:])!r}")
 
 
 def _topological(deps: dict[str, set[str]], source: Path) -> list[str]:
@@ -213,8 +236,13 @@ def stage_status(config: Any) -> str:
     return "run"
 
 
+def _is_main_process() -> bool:
+    """Under ``accelerate launch`` every process runs the pipeline; only rank 0 talks and writes its files."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def _say(text: str) -> None:
-    if os.environ.get("RANK", "0") == "0":
+    if _is_main_process():
         print(text, flush=True)
 
 
@@ -242,18 +270,24 @@ def run_pipeline(pipeline: str, overrides: list[str], start: str | None = None, 
     parsed = parse_overrides(overrides)
     _check_overrides(parsed, stages)
     selected = _select(stages, start, until)
+    configs = {s.name: resolve_config(s, by_name, spec.get("defaults") or {}, parsed) for s in stages}
+    if not dry_run and _is_main_process():  # the bundle first: it explains a run that fails half-way too
+        write_json(root / "pipeline.json", {"pipeline": str(source), "spec": spec, "versions": versions(),
+                                            "stages": {n: to_dict(c) for n, c in configs.items()}})
     outcome: dict[str, str] = {}
-    resolved: dict[str, Any] = {}
     for stage in stages:
-        config = resolve_config(stage, by_name, spec.get("defaults") or {}, parsed)
-        resolved[stage.name] = to_dict(config)
+        config = configs[stage.name]
         status = stage_status(config)
+        if dry_run and status != "run" and any(outcome.get(d, "up to date") != "up to date" for d in stage.deps):
+            status = "run"  # an upstream stage will run and change this stage's inputs
         if stage not in selected:
             if status != "up to date" and not dry_run and any(s.name in _downstream(stage, stages) for s in selected):
                 raise UserError(f"stage {stage.name} (before --from) is not complete — run it first or drop --from")
             continue
-        if force and status == "up to date":
+        if force and status != "run":
             status = "run (forced)"
+            if not dry_run:  # a forced rerun starts over, it does not resume (every process: before its barrier)
+                shutil.rmtree(stage.out / "state", ignore_errors=True)
         outcome[stage.name] = status
         if dry_run:
             _say(f"{stage.name:<40} {stage.command:<9} {status:<13} {stage.out}")
@@ -267,9 +301,7 @@ def run_pipeline(pipeline: str, overrides: list[str], start: str | None = None, 
         result = _load(STAGES[stage.command][1])(config)
         if result is not None and not getattr(result, "ok", True):
             raise UserError(f"stage {stage.name} failed — see {stage.out}")
-    if not dry_run:
-        write_json(root / "pipeline.json", {"pipeline": str(source), "spec": spec, "stages": resolved,
-                                            "versions": versions()})
+    if not dry_run and _is_main_process():
         _compare(spec, stages, root, source)
     return outcome
 

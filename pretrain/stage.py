@@ -5,7 +5,8 @@ Data (unlabeled slices) → :class:`MaskedAutoencoderSAM` around ``sam.image_enc
 state dict with the new encoder and the input checkpoint's prompt encoder and mask decoder.
 
 Writes ``out/sam_checkpoint.pth`` (official key layout and shapes of ``arch``; loads in stock
-segment_anything), ``out/encoder.safetensors`` (encoder keys at the trained ``image_size``, recorded in its metadata),
+segment_anything), ``out/sam_checkpoint.safetensors`` (the same full SAM at the trained ``image_size``: what a
+fine-tune at that size should load), ``out/encoder.safetensors`` (encoder keys at the trained size, in its metadata),
 ``out/metrics.csv``, ``out/previews/step_<N>.png`` and ``out/stage_output.json`` last.
 """
 
@@ -20,7 +21,7 @@ from samadapt.data import SliceDataset, to_sam_input
 from samadapt.data.manifest import load_manifest, resolve_manifest
 from samadapt.errors import UserError
 from samadapt.keys import preprocessing
-from samadapt.models.checkpoints import load_sam, save_safetensors, save_sam_checkpoint
+from samadapt.models.checkpoints import load_sam, save_safetensors, save_sam_checkpoint, save_sam_safetensors
 from samadapt.pretrain.config import PretrainConfig
 from samadapt.pretrain.mae import MaskedAutoencoderSAM
 from samadapt.pretrain.preview import write_preview
@@ -83,10 +84,14 @@ def run(config: PretrainConfig) -> StageOutput:
     result = trainer.fit(mae, dataset, loss_fn, groups=groups, after_step=after_step, desc="pretrain")
     accelerator.wait_for_everyone()
     artifacts = {"sam_checkpoint": Path(config.out) / "sam_checkpoint.pth",
+                 "sam_safetensors": Path(config.out) / "sam_checkpoint.safetensors",
                  "encoder": Path(config.out) / "encoder.safetensors", "metrics": Path(config.out) / "metrics.csv"}
     if accelerator.is_main_process:
         sam = sam.cpu()
         save_sam_checkpoint(sam, config.arch, artifacts["sam_checkpoint"])
+        # The same weights at the trained input size: fine-tuning at that size loads them unchanged, while the
+        # official-shape .pth went through an up- and a down-sampling of pos_embed and the rel-pos tables.
+        save_sam_safetensors(sam, config.arch, artifacts["sam_safetensors"])
         save_safetensors({k: v.contiguous() for k, v in sam.image_encoder.state_dict().items()},
                          artifacts["encoder"], metadata={"arch": config.arch, "image_size": str(config.image_size),
                                                          "prefix": "image_encoder."})

@@ -130,6 +130,10 @@ def convert(name: str, value: Any, kind: Any) -> Any:
     if origin is Literal:
         choices = get_args(kind)
         text = str(value).strip() if not isinstance(value, bool) else value
+        if isinstance(value, bool) and value not in choices:
+            # YAML 1.1 reads `no`/`off`/`yes`/`on` as booleans: give back the word the choices spell
+            words = [c for c in choices if isinstance(c, str) and c.lower() in (_TRUE_WORDS if value else _FALSE_WORDS)]
+            text = words[0] if words else text
         if text in choices:
             return text
         hint = difflib.get_close_matches(str(text), [str(c) for c in choices], n=1)

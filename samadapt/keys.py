@@ -43,6 +43,7 @@ class TrainKeys:
     keep_states: int = key(2, "how many training states to keep (oldest deleted)")
     resume: bool = key(True, "resume from the newest out/state/step_<N>/ if one exists")
     log_every: int = key(10, "steps between rows of out/metrics.csv")
+    tensorboard: bool = key(True, "also write each metrics row to out/tensorboard/ (if tensorboard is installed)")
 
     def check_training_keys(self) -> None:
         """Called from the stage config's ``__post_init__``; ValueError becomes a one-line UserError."""

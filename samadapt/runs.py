@@ -47,7 +47,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp_path, path)
     except BaseException as exc:
         tmp_path.unlink(missing_ok=True)
-        failed = _failed_write(exc, path)
+        failed = failed_write(exc, path)
         if failed is not None:
             raise failed from exc
         raise
@@ -59,7 +59,7 @@ _RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
 _TORCH_WRITE_FAILED = ("PytorchStreamWriter failed writing", "unexpected pos")
 
 
-def _failed_write(exc: BaseException, path: Path) -> OSError | None:
+def failed_write(exc: BaseException, path: Path) -> OSError | None:
     """An OSError naming ``path`` for a writer's failed write (the CLI prints it as one line), else None."""
     if isinstance(exc, OSError):
         # A failed write() carries no file name; the temp name would mean nothing to the user.
@@ -109,10 +109,26 @@ def ensure_writable_dir(path: str | os.PathLike) -> Path:
     return path
 
 
+MANIFEST_SUFFIXES = (".jsonl", ".csv")
+# sha256 of regular files by (path, size, mtime): the pipeline runner checks a stage's inputs, then the stage
+# hashes them again; a multi-GB SAM checkpoint is read once per process.
+_FILE_HASHES: dict[tuple[str, int, int], str] = {}
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     """Hex sha256 of a file's bytes; for a folder, of its files' relative names and contents — for a stage
     folder only of ``stage_output.json`` and the artifacts it lists (training states can be gigabytes)."""
     path = Path(path)
+    if path.is_file():
+        stat = path.stat()
+        memo = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+        if memo not in _FILE_HASHES:
+            _FILE_HASHES[memo] = _sha256(path, chunk)
+        return _FILE_HASHES[memo]
+    return _sha256(path, chunk)
+
+
+def _sha256(path: Path, chunk: int) -> str:
     digest = hashlib.sha256()
     files = sorted(_files_to_hash(path)) if path.is_dir() else [path]
     for file in files:
@@ -133,13 +149,25 @@ def _files_to_hash(folder: Path) -> list[Path]:
                       if p.is_file())]
 
 
+REPRODUCIBILITY_PACKAGES = ("torch", "torchvision", "segment-anything", "mobilesam-mirror", "timm", "lightly",
+                            "peft", "monai", "accelerate", "numpy", "scipy", "nibabel", "SimpleITK", "safetensors")
+
+
 def versions() -> dict[str, str]:
-    """Versions that decide whether a result can be reproduced."""
+    """Versions that decide whether a result can be reproduced: python, samadapt and the stack it runs on."""
+    from importlib import metadata
+
     import torch
 
     import samadapt
 
-    return {"samadapt": samadapt.__version__, "torch": torch.__version__, "python": platform.python_version()}
+    found = {"samadapt": samadapt.__version__, "python": platform.python_version(), "torch": torch.__version__}
+    for name in REPRODUCIBILITY_PACKAGES[1:]:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = "not installed"
+    return found
 
 
 def write_stage_output(out_dir: str | os.PathLike, record: dict[str, Any]) -> Path:
@@ -186,6 +214,7 @@ def begin_stage(config: Any, **input_paths: str | os.PathLike | None) -> StageRu
 
     out = ensure_writable_dir(config.out)
     (out / STAGE_OUTPUT).unlink(missing_ok=True)
+    remove_stale_temporaries(out)
     inputs = input_record(**input_paths)
     current = {"config": to_dict(config), "inputs": inputs}
     previous_path = out / RUN_CONFIG
@@ -197,17 +226,51 @@ def begin_stage(config: Any, **input_paths: str | os.PathLike | None) -> StageRu
     return StageRun(started=time.time(), inputs=inputs)
 
 
-def input_record(**paths: str | os.PathLike | None) -> dict[str, dict[str, str] | None]:
-    """``{name: {"path", "sha256"}}`` of a stage's input files/folders (None stays None)."""
+def remove_stale_temporaries(folder: Path) -> None:
+    """Delete the temporary files and folders (``.<name>...tmp...``) that a killed earlier run left in
+    ``folder``: only those older than this process, so a sibling process's writes in flight are safe."""
+    import psutil
+
+    started = psutil.Process().create_time()
+    for path in sorted(folder.rglob(".*tmp*"), key=lambda p: len(p.parts)):
+        try:
+            if path.lstat().st_mtime >= started:
+                continue
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        except FileNotFoundError:  # inside a folder removed just before
+            continue
+
+
+def input_record(**paths: str | os.PathLike | None) -> dict[str, dict[str, Any] | None]:
+    """``{name: {"path", "sha256"}}`` of a stage's input files/folders (None stays None); see ``describe_input``."""
     for name, p in paths.items():
         if p is not None and not Path(p).exists():
             raise UserError(f"{p}: {name} not found")
-    return {name: None if p is None else {"path": str(p), "sha256": sha256_file(p)} for name, p in paths.items()}
+    return {name: None if p is None else describe_input(p) for name, p in paths.items()}
 
 
-def inputs_unchanged(inputs: dict[str, dict[str, str] | None]) -> bool:
+def describe_input(path: str | os.PathLike) -> dict[str, Any]:
+    """``{"path", "sha256"}`` of an input. A manifest's sha256 covers the volumes it lists too (an image
+    edited in place is a changed input), whose own hashes are kept under ``"files"`` (resolved path → sha256)."""
+    path = Path(path)
+    own = sha256_file(path)
+    if not (path.is_file() and path.name.endswith(MANIFEST_SUFFIXES)):
+        return {"path": str(path), "sha256": own}
+    from samadapt.data.manifest import load_manifest
+
+    files = {str(f): sha256_file(f) for case in load_manifest(path) for f in (case.image, case.label) if f}
+    digest = hashlib.sha256(own.encode())
+    for name, value in sorted(files.items()):
+        digest.update(f"\n{name}\0{value}".encode())
+    return {"path": str(path), "sha256": digest.hexdigest(), "files": files}
+
+
+def inputs_unchanged(inputs: dict[str, dict[str, Any] | None]) -> bool:
     """Whether every recorded input still exists with the recorded sha256."""
-    return all(entry is None or (Path(entry["path"]).exists() and sha256_file(entry["path"]) == entry["sha256"])
+    return all(entry is None or (Path(entry["path"]).exists() and describe_input(entry["path"])["sha256"] == entry["sha256"])
                for entry in inputs.values())
 
 

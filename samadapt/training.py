@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from samadapt.errors import UserError
 from samadapt.keys import TrainKeys
-from samadapt.runs import write_text
+from samadapt.runs import failed_write, write_text
 
 STATE_DIR = "state"
 PROGRESS_FILE = "progress.json"
@@ -45,6 +45,9 @@ def make_accelerator(keys: TrainKeys) -> Accelerator:
     Frozen parts and prompt-dependent branches leave parameters unused in some steps, hence
     ``find_unused_parameters``. Threads are capped so processes sharing the cores do not oversubscribe
     them (measured: 2 processes x 2 threads on 2 cores ran ~10x slower)."""
+    if keys.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise UserError("mixed_precision=fp16 needs a CUDA GPU (accelerate would silently train in fp32 here) "
+                        "— use mixed_precision=bf16 or no on a CPU")
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),
         mixed_precision=keys.mixed_precision,
@@ -52,7 +55,10 @@ def make_accelerator(keys: TrainKeys) -> Accelerator:
     )
     if accelerator.device.type == "cpu":
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        torch.set_num_threads(max(1, cores // accelerator.state.num_processes))
+        # An explicit OMP_NUM_THREADS (e.g. several jobs sharing the cores) wins over the even split.
+        threads = os.environ.get("OMP_NUM_THREADS", "")
+        torch.set_num_threads(int(threads) if threads.isdigit() and int(threads) > 0
+                              else max(1, cores // accelerator.state.num_processes))
     set_seed(keys.seed)
     return accelerator
 
@@ -138,7 +144,14 @@ class Trainer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
-        acc.save_state(str(tmp))
+        try:
+            acc.save_state(str(tmp))
+        except Exception as exc:  # disk full / size limit: one line naming the state, no half state left
+            shutil.rmtree(tmp, ignore_errors=True)
+            failed = failed_write(exc, self.state_root / f"step_{step}")
+            if failed is not None:
+                raise failed from exc
+            raise
         acc.wait_for_everyone()
         if acc.is_main_process:
             objects = {name: obj.state_dict() for name, obj in stateful.items()}
@@ -215,12 +228,13 @@ class Trainer:
         params = [p for g in optimizer.param_groups for p in g["params"]]
         stream = self._batches(loader, start * keys.grad_accumulation)
 
+        board = self._tensorboard(start)
         bar = tqdm(total=keys.steps, initial=start, desc=desc, disable=not acc.is_main_process,
                    dynamic_ncols=True, mininterval=1.0)
         model.train()
         t0, window_start, loss_value, logs = time.perf_counter(), time.perf_counter(), float("nan"), {}
         images_per_step = keys.batch_size * keys.grad_accumulation * acc.num_processes
-        step = start
+        step = last_logged = start
         while step < keys.steps:
             factor = lr_factor(step, keys.steps, keys.warmup_steps)
             for group in optimizer.param_groups:
@@ -244,14 +258,17 @@ class Trainer:
             if step % keys.log_every == 0 or step == keys.steps:
                 loss_value = acc.reduce(loss_sum, reduction="mean").item() / keys.grad_accumulation
                 elapsed = time.perf_counter() - window_start
-                steps_in_window = (step - start) % keys.log_every or keys.log_every
                 row = {"step": step, "loss": round(loss_value, 6), "lr": keys.lr * factor,
-                       "images_per_s": round(images_per_step * steps_in_window / max(elapsed, 1e-9), 3),
+                       "images_per_s": round(images_per_step * (step - last_logged) / max(elapsed, 1e-9), 3),
                        **{k: round(float(v), 6) for k, v in logs.items()}}
                 history.append(row)
-                window_start = time.perf_counter()
+                window_start, last_logged = time.perf_counter(), step
                 if acc.is_main_process:
                     self._write_history(history)
+                    if board is not None:
+                        for name, value in row.items():
+                            if name != "step":
+                                board.add_scalar(f"{desc}/{name}", value, step)
                     bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{row['images_per_s']:.1f}")
             bar.update(1)
             if after_step is not None:
@@ -264,10 +281,23 @@ class Trainer:
             if step % keys.save_every == 0 and step < keys.steps:
                 self._save_state(step, stateful)
         bar.close()
+        if board is not None:
+            board.close()
         return TrainResult(steps=step, resumed_from=start or None, final_loss=loss_value,
                            seconds=time.perf_counter() - t0, history=history)
 
-    # ---------------------------------------------------------------- metrics.csv
+    # ---------------------------------------------------------------- metrics.csv, TensorBoard
+    def _tensorboard(self, start: int):
+        """A SummaryWriter on out/tensorboard/ (main process, ``tensorboard=true``, package installed), else
+        None. ``purge_step`` drops the events a killed run logged after the state it resumes from."""
+        if not (self.keys.tensorboard and self.accelerator.is_main_process):
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # tensorboard is optional: metrics.csv has the same rows
+            return None
+        return SummaryWriter(str(self.out_dir / "tensorboard"), purge_step=start or None)
+
     def _read_history(self, start: int) -> list[dict[str, Any]]:
         """Rows of a previous run up to the resumed step (later rows belong to the lost part)."""
         path = self.out_dir / "metrics.csv"

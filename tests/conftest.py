@@ -3,6 +3,7 @@ and a helper that runs the real ``samadapt`` CLI in a subprocess like a user wou
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
@@ -14,6 +15,14 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Two pytest workers share the 2 cores: one compute thread each (and in every samadapt subprocess, which
+    # honours OMP_NUM_THREADS), since busy-waiting thread pools on oversubscribed cores run ~10x slower.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
 
 
 def run_cli(*args: str, cwd: str | Path | None = None, timeout: float = 600, env: dict | None = None,
@@ -27,8 +36,39 @@ def run_cli(*args: str, cwd: str | Path | None = None, timeout: float = 600, env
     return result
 
 
-def kill_when(args: list, ready: Path, timeout: float = 300) -> None:
-    """Start ``samadapt ARGS``, SIGKILL it as soon as ``ready`` exists (e.g. a saved training state)."""
+def launch_two_processes(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """``accelerate launch`` of ``samadapt ARGS`` as 2 processes on the CPU (gloo); asserts exit code 0."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "-m", "samadapt", *map(str, args)]
+    result = subprocess.run(command, capture_output=True, encoding="utf-8", timeout=timeout,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def record_of(folder: Path) -> dict:
+    """A finished stage's ``stage_output.json``."""
+    return json.loads((folder / "stage_output.json").read_text(encoding="utf-8"))
+
+
+def losses(out: Path) -> dict[int, float]:
+    """{step: loss} from a training stage's ``metrics.csv``."""
+    with open(out / "metrics.csv", newline="", encoding="utf-8") as handle:
+        return {int(row["step"]): float(row["loss"]) for row in csv.DictReader(handle)}
+
+
+def finetune_args(data: Path, checkpoint, out: Path, **extra) -> list[str]:
+    """A tiny, fast ``samadapt finetune`` command line (LoRA encoder, full decoder, automatic masks)."""
+    keys = {"arch": "vit_tiny", "image_size": 256, "checkpoint": checkpoint, "data": data, "out": out,
+            "num_classes": 2, "steps": 16, "batch_size": 4, "lr": 1e-3, "warmup_steps": 0, "save_every": 8,
+            "val_every": 8, "log_every": 1, "encoder": "lora", "decoder": "full", "prompt": "none", **extra}
+    return ["finetune", *(f"{k}={v}" for k, v in keys.items())]
+
+
+def kill_when(args: list, ready: Path, delay: float = 0.0, timeout: float = 300) -> None:
+    """Start ``samadapt ARGS``, SIGKILL it ``delay`` seconds after ``ready`` exists (e.g. a saved training
+    state), so the kill lands at an arbitrary point of the following steps, saves or validations."""
     process = subprocess.Popen([sys.executable, "-m", "samadapt", *map(str, args)], stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     deadline = time.time() + timeout
@@ -36,6 +76,8 @@ def kill_when(args: list, ready: Path, timeout: float = 300) -> None:
         assert process.poll() is None, f"samadapt exited ({process.returncode}) before {ready} appeared"
         assert time.time() < deadline, f"{ready} did not appear within {timeout} s"
         time.sleep(0.05)
+    time.sleep(delay)
+    assert process.poll() is None, f"samadapt finished within {delay} s after {ready} — nothing left to kill"
     process.send_signal(signal.SIGKILL)
     process.wait()
 

@@ -171,6 +171,8 @@ MATRIX = [
          ("lab_shape.nii.gz", "label shape", "differs from image", "resample_labels=true")),
     Case("image/label geometry mismatch", _check("geometry", "num_classes=2"),
          ("lab_geometry.nii.gz", "geometry", "differs from image")),
+    Case("image/label geometry mismatch (header-only check)", _check("geometry"),
+         ("lab_geometry.nii.gz", "geometry", "differs from image", "resample_labels=true")),
     Case("float labels", _check("float_labels", "num_classes=2"),
          ("lab_float.nii.gz", "non-integer values (e.g. 0.5)")),
     Case("negative labels", _check("negative_labels", "num_classes=2"),

@@ -49,6 +49,23 @@ def test_yaml_then_overrides_win(tmp_path):
     assert (cfg.data, cfg.arch, cfg.lora.rank, cfg.lora.alpha) == ("a.jsonl", "vit_tiny", 3, 4.0)
 
 
+def test_yaml_booleans_read_back_as_the_words_of_a_choice(tmp_path):
+    from samadapt.keys import TrainKeys
+
+    @dataclass(kw_only=True)
+    class Precision(TrainKeys):
+        data: str = required("manifest")
+
+    path = tmp_path / "c.yaml"
+    path.write_text("data: a.jsonl\nmixed_precision: no\n", encoding="utf-8")  # YAML 1.1: `no` is False
+    assert parse_config(Precision, path, []).mixed_precision == "no"
+    path.write_text("data: a.jsonl\nmixed_precision: off\n", encoding="utf-8")
+    assert parse_config(Precision, path, []).mixed_precision == "no"
+    path.write_text("data: a.jsonl\narch: no\n", encoding="utf-8")
+    with pytest.raises(UserError, match="arch=False: must be one of"):
+        parse_config(Example, path, [])
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["data=a", "lora.rnak=2"], "unknown key 'lora.rnak' — did you mean lora.rank=?"),
     (["data=a", "lora.rank=two"], "lora.rank='two': expected an integer"),
@@ -79,3 +96,16 @@ def test_describe_lists_every_key_with_default():
     text = describe(Example)
     for line in ("data=REQUIRED", "arch=vit_b", "checkpoint=none", "flip=true", "lora.rank=8", "lora.alpha=16.0"):
         assert line in text
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["export_merged=true"], "export_merged=true needs prompt=box|point"),
+    (["export_merged=true", "prompt=box", "encoder=adapter"], "no adapters"),
+    (["num_classes=3", "class_weights=1,x,2"], "expected numbers"),
+    (["class_weights=1,2"], "needs prompt=none and num_classes > 2"),
+])
+def test_finetune_keys_that_would_fail_after_training_fail_before_it(overrides, message):
+    from samadapt.finetune.config import FinetuneConfig
+
+    with pytest.raises(UserError, match=message):
+        parse_config(FinetuneConfig, None, ["data=m.jsonl", "out=o", "num_classes=2", *overrides])

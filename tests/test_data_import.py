@@ -106,6 +106,11 @@ def test_plain_folder_with_dicom_is_unlabeled(tmp_path, capsys):
     assert all(c.label is None and c.modality == "CT" for c in cases)
     assert main(["data", "check", str(out)]) == 0
     assert "4 cases ok" in capsys.readouterr().out
+    # The series folder itself given as the folder to import
+    only = tmp_path / "series.jsonl"
+    assert main(["data", "import", str(series), f"out={only}"]) == 0
+    assert sorted((c.id, c.series_uid) for c in load_manifest(only)) == [
+        ("dicom_1.2.3.4", "1.2.3.4"), ("dicom_1.2.3.5", "1.2.3.5")]
 
 
 def test_import_and_check_errors(tmp_path, capsys):

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pytest
 import yaml
 
@@ -77,6 +79,9 @@ def test_rerun_skips_what_is_up_to_date_and_reruns_what_changed(pipeline_run):
     assert json.loads(evaluated_before)["metrics"]["foreground_mean"] == json.loads(
         (runs / "evaluate" / "stage_output.json").read_text(encoding="utf-8"))["metrics"]["foreground_mean"]
 
+    # a dry run already knows that evaluate follows a finetune that will rerun
+    planned = run_cli("run", path, "--runs-dir", runs, "finetune.lr=2e-3", "--dry-run")
+    assert [line.split()[2] for line in planned.stdout.splitlines()] == ["up", "run", "run"]
     changed = run_cli("run", path, "--runs-dir", runs, "finetune.lr=2e-3")
     assert statuses(changed.stdout) == {"pretrain": "up to date", "finetune": "running", "evaluate": "running"}
     assert json.loads((runs / "finetune" / "stage_output.json").read_text(encoding="utf-8"))["config"]["lr"] == 2e-3
@@ -101,6 +106,9 @@ def test_from_and_until_select_stages(pipeline_run):
     path, runs, _ = pipeline_run
     until = run_cli("run", path, "--runs-dir", runs, "--until", "pretrain", "--force")
     assert statuses(until.stdout) == {"pretrain": "running"}
+    # forced means from scratch: the training states of the finished run are not resumed
+    record = json.loads((runs / "pretrain" / "stage_output.json").read_text(encoding="utf-8"))
+    assert record["metrics"]["resumed_from_step"] is None and record["metrics"]["steps"] == 4
     # pretrain was rerun (its checkpoint is rewritten, so its hash may change): finetune depends on it
     started = run_cli("run", path, "--runs-dir", runs, "--from", "evaluate", "--dry-run")
     assert [line.split()[0] for line in started.stdout.splitlines()] == ["evaluate"]
@@ -120,6 +128,39 @@ def test_pipeline_spec_errors_are_one_line(tmp_path, small_manifests, tiny_check
 def test_strategy_grid_expands_its_matrix(tmp_path):
     result = run_cli("run", "strategy_grid", "--dry-run", "--runs-dir", tmp_path)
     names = [line.split()[0] for line in result.stdout.splitlines() if line.strip()]
-    finetunes = [n for n in names if n.startswith("finetune/")]
-    assert len(finetunes) == len(set(finetunes)) >= 6
-    assert any("vit_b" in n and "lora" in n for n in finetunes)
+    spec = yaml.safe_load((Path(__file__).parents[1] / "pipelines" / "strategy_grid.yaml").read_text(encoding="utf-8"))
+    archs = [a["name"] for a in spec["matrix"]["arch"]]
+    assert len(archs) == 3 and len(spec["matrix"]["strategy"]) == 6  # the study's 3 x {decoder, enc+dec} x 3
+    cells = [f"{arch}-{strategy['name']}" for arch in archs for strategy in spec["matrix"]["strategy"]]
+    assert [n for n in names if n.startswith("finetune/")] == [f"finetune/{c}" for c in cells]
+    assert [n for n in names if n.startswith("evaluate/")] == [f"evaluate/{c}" for c in cells]
+
+
+def test_a_manifest_input_hash_covers_the_volumes_it_lists(tmp_path):
+    from samadapt.runs import describe_input
+
+    image = np.zeros((6, 5, 4), dtype=np.float32)
+    nib.save(nib.Nifti1Image(image, np.eye(4)), tmp_path / "img.nii.gz")
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"id": "a", "image": "img.nii.gz", "label": "", "modality": "MR"}) + "\n",
+                        encoding="utf-8")
+    before = describe_input(manifest)
+    assert list(before["files"]) == [str(tmp_path / "img.nii.gz")]
+    image[2, 2, 2] = 1.0  # the same manifest text, an image edited in place
+    nib.save(nib.Nifti1Image(image, np.eye(4)), tmp_path / "img.nii.gz")
+    assert describe_input(manifest)["sha256"] != before["sha256"]
+
+
+def test_matrix_mappings_without_names_and_bad_matrix_refs(tmp_path):
+    spec = {"name": "m", "matrix": {"strategy": [{"encoder": "lora", "decoder": "full"},
+                                                 {"encoder": "frozen", "decoder": "full"}]},
+            "stages": {"finetune": {"command": "finetune", "config": {
+                "data": "x.jsonl", "num_classes": 2, "encoder": "${matrix.strategy.encoder}"}}}}
+    path = tmp_path / "m.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
+    listed = run_cli("run", path, "--dry-run", "--runs-dir", tmp_path / "runs")
+    assert [line.split()[0] for line in listed.stdout.splitlines()] == ["finetune/lora_full", "finetune/frozen_full"]
+    for ref in ("${matrix.strategy}", "${matrix.strategy.rank}", "${matrix.arch}"):
+        spec["stages"]["finetune"]["config"]["encoder"] = ref
+        path.write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
+        assert_one_line_error(run_cli("run", path, "--dry-run", expect=None), ref)

@@ -121,20 +121,32 @@ def test_compare_two_runs_writes_markdown_csv_and_chart(tmp_path):
     markdown = compare_runs([first, second], tmp_path / "compare", label_names={"1": "brain"})
     assert (tmp_path / "compare.md").read_text(encoding="utf-8") == markdown
     lines = markdown.splitlines()
-    assert lines[0] == "| run | class | Dice | IoU | NSD (2 mm) | HD95 (mm) |"
+    assert lines[0] == "| run | class | cases | Dice | IoU | NSD (2 mm) | HD95 (mm) | HD95 n/a |"
     mean_1 = summarize(CASES)["mean"]["1"]
-    assert f"| lora/evaluate | 1 (brain) | {mean_1['Dice']:.4f} | {mean_1['IoU']:.4f} | {mean_1['NSD']:.4f} | " \
-           f"{mean_1['HD95']:.2f} |" in lines
-    assert "| full/evaluate | 2 | 0.5000 | 0.4000 | 0.6000 | 5.00 |" in lines
+    no_hd95 = mean_1["n_nan"]["HD95"]
+    assert f"| lora/evaluate | 1 (brain) | {len(CASES)} | {mean_1['Dice']:.4f} | {mean_1['IoU']:.4f} | " \
+           f"{mean_1['NSD']:.4f} | {mean_1['HD95']:.2f} | {no_hd95} |" in lines
+    assert "| full/evaluate | 2 | 1 | 0.5000 | 0.4000 | 0.6000 | 5.00 | 0 |" in lines
     assert sum("foreground mean" in line for line in lines) == 2
+    foreground = next(line for line in lines if line.startswith("| lora/evaluate | foreground mean |"))
+    assert foreground.startswith("| lora/evaluate | foreground mean | 3 |") and foreground.endswith("| 3 |")
     assert len(lines) == 2 + 2 * 3
     rows = list(csv.DictReader((tmp_path / "compare.csv").open()))
-    assert list(rows[0]) == ["run", "eval_dir", "label", "label_name", "dice", "iou", "nsd_2mm", "hd95_mm"]
+    assert list(rows[0]) == ["run", "eval_dir", "label", "label_name", "cases", "dice", "iou", "nsd_2mm", "hd95_mm",
+                             "hd95_missing"]
     assert [(row["run"], row["label"]) for row in rows] == [
         ("lora/evaluate", "1"), ("lora/evaluate", "2"), ("lora/evaluate", "foreground"),
         ("full/evaluate", "1"), ("full/evaluate", "2"), ("full/evaluate", "foreground")]
     assert float(rows[4]["dice"]) == 0.5
     assert imread(tmp_path / "compare.png").shape[0] > 100
+
+
+def test_compare_takes_class_names_from_the_summaries(tmp_path):
+    summary = {**summarize(CASES), "label_names": {"0": "background", "1": "brain", "2": "tumour"}}
+    (tmp_path / "ev").mkdir()
+    write_json(tmp_path / "ev" / "summary.json", summary)
+    markdown = compare_runs([tmp_path / "ev"], tmp_path / "compare")
+    assert "| ev | 1 (brain) |" in markdown and "| ev | 2 (tumour) |" in markdown
 
 
 def test_compare_names_and_refuses_bad_summaries(tmp_path):

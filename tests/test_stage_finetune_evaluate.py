@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
-import sys
+import random
 from pathlib import Path
 
 import nibabel as nib
@@ -15,18 +13,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import assert_one_line_error, kill_when, run_cli
-
-
-def finetune_args(data: Path, checkpoint, out: Path, **extra) -> list[str]:
-    keys = {"arch": "vit_tiny", "image_size": 256, "checkpoint": checkpoint, "data": data, "out": out,
-            "num_classes": 2, "steps": 16, "batch_size": 4, "lr": 1e-3, "warmup_steps": 0, "save_every": 8,
-            "val_every": 8, "log_every": 1, "encoder": "lora", "decoder": "full", "prompt": "none", **extra}
-    return ["finetune", *(f"{k}={v}" for k, v in keys.items())]
-
-
-def record_of(folder: Path) -> dict:
-    return json.loads((folder / "stage_output.json").read_text(encoding="utf-8"))
+from conftest import assert_one_line_error, finetune_args, kill_when, launch_two_processes, losses, record_of, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -62,18 +49,21 @@ def test_finetune_learns_and_saves_only_what_it_trained(finetuned):
     assert not any(n.startswith("sam.image_encoder.") for n in names)
     assert adapter_names and all("lora_" in n and "image_encoder" in n for n in adapter_names)
     assert (finetuned / "adapter" / "adapter_config.json").is_file()  # peft's own format
+    # The same rows as TensorBoard scalars
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = EventAccumulator(str(finetuned / "tensorboard"))
+    board.Reload()
+    logged = {event.step: event.value for event in board.Scalars("finetune/loss")}
+    assert sorted(logged) == list(range(1, 17)) and logged[16] == pytest.approx(loss[-1], rel=1e-5)
 
 
-def losses(out: Path) -> dict[int, float]:
-    with open(out / "metrics.csv", newline="", encoding="utf-8") as handle:
-        return {int(row["step"]): float(row["loss"]) for row in csv.DictReader(handle)}
-
-
+@pytest.mark.parametrize("seed", [0, 1])
 def test_killed_finetune_resumes_and_matches_an_uninterrupted_run(finetuned, small_manifests, tiny_checkpoint,
-                                                                   tmp_path):
+                                                                   tmp_path, seed):
     out = tmp_path / "killed"
     args = finetune_args(small_manifests["brain"], tiny_checkpoint, out)
-    kill_when(args, out / "state" / "step_8" / "progress.json")
+    kill_when(args, out / "state" / "step_8" / "progress.json", delay=random.Random(seed).uniform(0.0, 0.6))
     assert not (out / "stage_output.json").exists()
     run_cli(*args)
     record = record_of(out)
@@ -86,22 +76,20 @@ def test_killed_finetune_resumes_and_matches_an_uninterrupted_run(finetuned, sma
         assert again[step] == pytest.approx(reference[step], rel=1e-4, abs=1e-5), (step, again, reference)
     assert record["metrics"]["best_val_dice"] == pytest.approx(record_of(finetuned)["metrics"]["best_val_dice"],
                                                                abs=1e-5)
-    with safe_open(str(out / "trainable.safetensors"), "pt") as resumed, \
-            safe_open(str(finetuned / "trainable.safetensors"), "pt") as uninterrupted:
-        for name in uninterrupted.keys():
-            torch.testing.assert_close(resumed.get_tensor(name), uninterrupted.get_tensor(name), rtol=1e-4, atol=1e-5)
+    for weights in ("trainable.safetensors", "adapter/adapter_model.safetensors"):  # decoder + head, LoRA
+        with safe_open(str(out / weights), "pt") as resumed, safe_open(str(finetuned / weights), "pt") as uninterrupted:
+            assert sorted(resumed.keys()) == sorted(uninterrupted.keys())
+            for name in uninterrupted.keys():
+                torch.testing.assert_close(resumed.get_tensor(name), uninterrupted.get_tensor(name),
+                                           rtol=1e-4, atol=1e-5)
+    assert not list(out.rglob(".*tmp*"))  # what the killed run had in flight was cleaned up
 
 
 def test_finetune_runs_as_two_processes(small_manifests, tiny_checkpoint, tmp_path):
     out = tmp_path / "ddp"
     args = finetune_args(small_manifests["brain"], tiny_checkpoint, out, steps=4, save_every=2, val_every=4,
                          batch_size=2)
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "-m", "samadapt", *map(str, args)]
-    result = subprocess.run(command, capture_output=True, encoding="utf-8", timeout=600,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = launch_two_processes(*args)
     record = record_of(out)
     assert record["metrics"]["processes"] == 2 and record["metrics"]["steps"] == 4
     assert sorted(losses(out)) == [1, 2, 3, 4]
@@ -156,11 +144,14 @@ def test_frozen_encoder_with_box_prompts_uses_the_embedding_cache_and_exports_me
     assert set(merged) == set(base)
     assert all(torch.equal(merged[k], base[k]) for k in base if k.startswith("image_encoder."))
     assert any(not torch.equal(merged[k], base[k]) for k in base if k.startswith("mask_decoder."))
-    # A merged checkpoint is a plain SAM: evaluate takes it as model= with box prompts.
+    # A merged checkpoint is a plain SAM: evaluate takes it as model= with box prompts (the classes from the
+    # manifest's labels.json, as num_classes= is not given).
     evaluated = tmp_path / "eval_merged"
-    run_cli("evaluate", f"model={out / 'sam_merged.pth'}", "arch=vit_tiny", "image_size=256", "num_classes=2",
+    run_cli("evaluate", f"model={out / 'sam_merged.pth'}", "arch=vit_tiny", "image_size=256",
             "prompt=box", f"data={small_manifests['brain']}", f"out={evaluated}", "overlays=false")
     assert record_of(evaluated)["metrics"]["cases"] == 1
+    summary = json.loads((evaluated / "summary.json").read_text(encoding="utf-8"))
+    assert list(summary["mean"]) == ["1"] and summary["label_names"] == {"0": "background", "1": "brain"}
 
 
 def test_labels_beyond_num_classes_are_refused_naming_the_file(small_manifests, tiny_checkpoint, tmp_path):
@@ -220,3 +211,29 @@ def test_evaluate_warns_about_a_modality_the_model_never_saw(finetuned, small_ma
     result = run_cli("evaluate", f"model={finetuned}", f"data={manifest}", f"out={tmp_path / 'ev'}", "overlays=false")
     assert "warning:" in result.stderr and "CT" in result.stderr and "MR" in result.stderr
     assert record_of(tmp_path / "ev")["metrics"]["cases"] == 1
+
+
+def test_two_process_evaluation_splits_cases_and_gathers_each_once(finetuned, small_manifests, tmp_path):
+    rows = [json.loads(line) for line in small_manifests["brain"].read_text(encoding="utf-8").splitlines()]
+    manifest = tmp_path / "two.jsonl"
+    manifest.write_text("".join(json.dumps({**row, "split": "test"}) + "\n" for row in rows[1:]), encoding="utf-8")
+    # a tiny crop of real MRI as a third case: any volume size works, the mask keeps the crop's shape
+    image, label = nib.load(rows[0]["image"]), nib.load(rows[0]["label"])
+    crop = (slice(40, 46), slice(50, 55), slice(40, 44))
+    for source, name in ((image, "crop.nii.gz"), (label, "crop_mask.nii.gz")):
+        nib.save(source.slicer[crop], tmp_path / name)
+    with open(manifest, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps({"id": "crop", "image": str(tmp_path / "crop.nii.gz"),
+                                 "label": str(tmp_path / "crop_mask.nii.gz"), "modality": "MR", "split": "test"}) + "\n")
+    out = tmp_path / "ev2"
+    launch_two_processes("evaluate", f"model={finetuned}", f"data={manifest}", f"out={out}", "overlays=false")
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    cases = {c["case_id"]: c for c in summary["metric_per_case"]}
+    assert sorted(cases) == ["colin27", "colin27_test", "crop"]  # every case once, none twice
+    assert nib.load(cases["crop"]["prediction_file"]).shape == (6, 5, 4)
+    # Both Colin27 rows are the same volume: the two processes predicted it identically.
+    assert cases["colin27"]["metrics"]["1"]["Dice"] == pytest.approx(cases["colin27_test"]["metrics"]["1"]["Dice"])
+    # The mean is the mean of the per-case values (NaN-free cases only), recomputed here.
+    dice = [c["metrics"]["1"]["Dice"] for c in cases.values() if c["metrics"]["1"]["Dice"] is not None]
+    assert summary["mean"]["1"]["Dice"] == pytest.approx(float(np.mean(dice)))
+    assert summary["foreground_mean"]["Dice"] == pytest.approx(float(np.mean(dice)))

@@ -73,7 +73,7 @@ def _check(args: argparse.Namespace) -> int:
 
     from samadapt.config import parse_overrides
     from samadapt.data.manifest import load_manifest, resolve_manifest
-    from samadapt.data.readers import read_header, read_label, read_volume
+    from samadapt.data.readers import GEOMETRY_TOLERANCE_MM, read_header, read_label, read_volume
 
     options = parse_overrides(args.options)
     unknown = set(options) - {"num_classes"}
@@ -101,6 +101,11 @@ def _check(args: argparse.Namespace) -> int:
                     if label_header["size"] != header["size"]:
                         raise UserError(f"{case.label}: label shape {tuple(label_header['size'])} differs from "
                                         f"image {case.image} {tuple(header['size'])} (x, y, z)")
+                    if not all(np.allclose(label_header[k], header[k], rtol=0, atol=GEOMETRY_TOLERANCE_MM)
+                               for k in ("spacing", "origin", "direction")):
+                        raise UserError(f"{case.label}: label geometry (spacing/origin/direction) differs from "
+                                        f"image {case.image} by more than {GEOMETRY_TOLERANCE_MM:g} mm — fix the "
+                                        "files or set resample_labels=true")
                     label = "ok"
                 else:
                     values = read_label(case.label, image, case.image, num_classes=num_classes)

@@ -111,7 +111,7 @@ def _msd_rows(folder: Path, meta: dict) -> list[dict]:
 def _folder_rows(folder: Path, modality: str) -> list[dict]:
     """Every volume file, and every DICOM series (a folder with several gives one row per series)."""
     found: list[tuple[Path, str | None]] = []
-    for path in sorted(folder.rglob("*")):
+    for path in [folder, *sorted(folder.rglob("*"))]:  # the folder itself may be the DICOM series
         if path.name.startswith("."):
             continue
         if path.is_file() and path.name.endswith(VOLUME_SUFFIXES):
@@ -121,7 +121,7 @@ def _folder_rows(folder: Path, modality: str) -> list[dict]:
             found += [(path, uid if len(uids) > 1 else None) for uid in uids]
     rows, seen = [], set()
     for path, uid in found:
-        case = str(path.relative_to(folder)).replace("/", "_")
+        case = str(path.relative_to(folder)).replace("/", "_") if path != folder else folder.name
         case = _case_id(Path(case)) if path.is_file() else case + (f"_{uid}" if uid else "")
         if case in seen:
             raise UserError(f"{path}: two images give the case id {case!r} — rename one")

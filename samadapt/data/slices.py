@@ -29,7 +29,9 @@ def to_sam_input(x: torch.Tensor) -> torch.Tensor:
 class VolumeSlices:
     """A volume normalised, reoriented to LPS and cut into N square slices along ``prep.plane``.
 
-    ``images``: float32 N x S x S in [0, 1]; ``labels``: int64 N x S x S or None (S = image_size).
+    ``images``: float32 N x S x S in [0, 1]; ``labels``: int64 N x S x S or None (S = image_size);
+    ``reference``: the label checked against the image (shape, geometry, values) on the image's own
+    voxel grid, int64 (z, y, x), or None — what predictions are scored against.
     Slices are computed on demand (``chunks``), so a large volume never needs N x S x S floats at once.
     ``to_volume`` / ``write`` undo everything onto the original voxel grid and geometry.
     """
@@ -45,10 +47,10 @@ class VolumeSlices:
         self.geometry = readers.geometry_of(sitk_image)
         source_axes, flips = canonical_transform(self.geometry["direction"])
         self._stack = to_plane(to_canonical(volume, source_axes, flips), prep.plane)
-        self._label_stack = None
+        self._label_stack = self.reference = None
         if label is not None:
-            values = readers.read_label(label, sitk_image, image, prep.resample_labels, num_classes)
-            self._label_stack = to_plane(to_canonical(values, source_axes, flips), prep.plane)
+            self.reference = readers.read_label(label, sitk_image, image, prep.resample_labels, num_classes)
+            self._label_stack = to_plane(to_canonical(self.reference, source_axes, flips), prep.plane)
         spacing_zyx = [self.geometry["spacing"][::-1][a] for a in source_axes]
         inplane = InPlane.fit(self._stack.shape[1:], plane_spacing(spacing_zyx, prep.plane), prep.image_size,
                               prep.spacing)

@@ -17,6 +17,7 @@ import torch
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
 from samadapt.errors import UserError
+from samadapt.models.attention import use_chunked_global_attention
 
 PATCH_SIZE = 16
 PROMPT_EMBED_DIM = 256
@@ -68,12 +69,14 @@ def build_image_encoder(arch: str, image_size: int) -> torch.nn.Module:
             local_conv_size=3, layer_lr_decay=0.8,
         )
     spec = VIT_SPECS[arch]
-    return ImageEncoderViT(
+    encoder = ImageEncoderViT(
         depth=spec.depth, embed_dim=spec.embed_dim, img_size=image_size, mlp_ratio=4,
         norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), num_heads=spec.num_heads, patch_size=PATCH_SIZE,
         qkv_bias=True, use_rel_pos=True, global_attn_indexes=spec.global_attn_indexes,
         window_size=spec.window_size, out_chans=PROMPT_EMBED_DIM,
     )
+    # Same weights and keys; global attention in query chunks bounds its N x N maps (vit_b 1024: 3 → <1 GiB).
+    return use_chunked_global_attention(encoder)
 
 
 @cache
