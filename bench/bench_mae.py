@@ -85,7 +85,7 @@ def configs(quick: bool) -> list[tuple[str, int, int]]:
     """(arch, image size, timed steps per variant) per encoder."""
     if quick:
         return [("vit_tiny", 256, 3)]
-    return [("vit_tiny", 256, 8), ("vit_b", 256, 4), ("vit_b", 1024, 2)]
+    return [("vit_tiny", 256, 8), ("vit_tiny", 1024, 3), ("vit_b", 256, 4), ("vit_b", 1024, 2)]
 
 
 def measure(quick: bool) -> dict:

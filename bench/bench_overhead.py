@@ -115,7 +115,7 @@ def interleaved(stage: str, steps: int, num_workers: int, tmp: Path, augment: bo
         times["bare"].append(time.perf_counter() - start - (clip_end - clip_start))
         times["clip"].append(clip_end - clip_start)
 
-    def after_step(step, prepared, logs) -> bool:
+    def after_step(step, prepared) -> bool:
         nonlocal last_end
         now = time.perf_counter()
         if last_end is not None:

@@ -126,6 +126,9 @@ class FinetuneConfig(ModelKeys, DataKeys, TrainKeys, StrategyKeys, PromptKeys):
                 raise ValueError(f"class_weights={self.class_weights!r}: expected numbers like 0.2,1,3") from None
             if self.prompt != "none" or self.num_classes == 2:
                 raise ValueError("class_weights needs prompt=none and num_classes > 2 (softmax) — drop class_weights")
+        if self.grad_checkpointing and self.arch == "vit_t":
+            raise ValueError("grad_checkpointing=true is for the plain-ViT encoders (vit_b/l/h, vit_tiny); "
+                             "MobileSAM's TinyViT (arch=vit_t) is small enough without it — set it to false")
         # Checked before training, not after it: plain SAM weights hold neither a class head nor adapters.
         if self.export_merged and (self.prompt == "none" or "adapter" in (self.encoder, self.decoder)):
             raise ValueError("export_merged=true needs prompt=box|point and no adapters — plain SAM weights cannot "

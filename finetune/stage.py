@@ -159,13 +159,14 @@ def run(config: FinetuneConfig) -> StageOutput:
             logits = prepared(to_sam_input(batch["image"]), prompts)
         present = None if prompts is None else prompts.present
         loss = segmenter.loss_fn(logits, labels, present, config.class_weight_values)
-        return loss, {"train_dice": segmenter.batch_dice(logits, labels, present)}
+        detached = logits.detach()  # not the graph: the closure outlives this step
+        return loss, lambda: {"train_dice": segmenter.batch_dice(detached, labels, present)}
 
     steps_per_epoch = max(1, len(dataset) // (config.batch_size * accelerator.num_processes * config.grad_accumulation))
     validate_every = config.val_every or steps_per_epoch
     validator = Validator(config, val_cases, prep, accelerator) if val_cases else None
 
-    def after_step(step, prepared, logs):
+    def after_step(step, prepared):
         if validator is not None and (step % validate_every == 0 or step == config.steps):
             return validator(step, prepared)
         return False

@@ -74,7 +74,7 @@ def run(config: PretrainConfig) -> StageOutput:
         output = model(to_sam_input(batch["image"]))
         return output.loss, {}
 
-    def after_step(step, model, logs):
+    def after_step(step, model):
         if config.preview_every and step % config.preview_every == 0 and accelerator.is_main_process:
             write_preview(accelerator.unwrap_model(model), to_sam_input(preview_batch.to(accelerator.device)),
                           Path(config.out) / "previews" / f"step_{step:06d}.png")

@@ -36,7 +36,10 @@ from samadapt.runs import failed_write, write_text
 
 STATE_DIR = "state"
 PROGRESS_FILE = "progress.json"
-LossFn = Callable[[torch.nn.Module, Any], "tuple[torch.Tensor, dict[str, float]]"]
+# loss_fn(model, batch) -> (loss, logs): logs is {name: float}, or a zero-argument callable returning it that
+# the loop calls only for the micro-batches whose logs become a metrics row (extra metrics cost nothing
+# on the other steps).
+LossFn = Callable[[torch.nn.Module, Any], "tuple[torch.Tensor, dict[str, float] | Callable[[], dict[str, float]]]"]
 
 
 def make_accelerator(keys: TrainKeys) -> Accelerator:
@@ -199,14 +202,14 @@ class Trainer:
         groups: list[dict[str, Any]] | None = None,
         sample_weights: torch.Tensor | None = None,
         collate_fn: Callable | None = None,
-        after_step: Callable[[int, torch.nn.Module, dict[str, float]], bool | None] | None = None,
+        after_step: Callable[[int, torch.nn.Module], bool | None] | None = None,
         stateful: dict[str, Any] | None = None,
         desc: str = "train",
     ) -> TrainResult:
         """Train ``model`` (unprepared) and return when ``keys.steps`` are done or ``after_step`` says stop.
 
-        ``loss_fn(prepared_model, batch) -> (scalar loss, {name: float})`` runs under autocast.
-        ``after_step(step, prepared_model, logs)`` runs on every process after each step (previews,
+        ``loss_fn(prepared_model, batch) -> (scalar loss, logs)`` runs under autocast (see ``LossFn``).
+        ``after_step(step, prepared_model)`` runs on every process after each step (previews,
         validation); returning True stops training early. ``stateful`` objects (``state_dict()`` →
         JSON-able dict, ``load_state_dict``) are saved with every state and restored on resume, e.g. a
         validator's best score. The prepared model stays in ``self.model``."""
@@ -260,7 +263,7 @@ class Trainer:
                 elapsed = time.perf_counter() - window_start
                 row = {"step": step, "loss": round(loss_value, 6), "lr": keys.lr * factor,
                        "images_per_s": round(images_per_step * (step - last_logged) / max(elapsed, 1e-9), 3),
-                       **{k: round(float(v), 6) for k, v in logs.items()}}
+                       **{k: round(float(v), 6) for k, v in (logs() if callable(logs) else logs).items()}}
                 history.append(row)
                 window_start, last_logged = time.perf_counter(), step
                 if acc.is_main_process:
@@ -273,7 +276,7 @@ class Trainer:
             bar.update(1)
             if after_step is not None:
                 hook_start = time.perf_counter()
-                stop = after_step(step, model, logs)
+                stop = after_step(step, model)
                 window_start += time.perf_counter() - hook_start  # validation/previews are not training time
                 if stop:
                     break

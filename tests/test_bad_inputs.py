@@ -224,6 +224,16 @@ def test_bad_input_is_one_line_error(case, bad, tiny_checkpoint):
     assert not (bad / MARKER).exists(), "the pickle's payload ran"
 
 
+def test_the_fixes_the_errors_suggest_work(bad, tiny_checkpoint):
+    """`channel=` for a 4D image and `resample_labels=true` for another label grid make `data check` pass."""
+    for manifest, extra in (("4d", ("num_classes=2", "channel=1")), ("geometry", ("resample_labels=true",)),
+                            ("geometry", ("num_classes=2", "resample_labels=true"))):
+        result = run_cli("data", "check", bad / f"{manifest}.jsonl", *extra)
+        assert "1 cases ok" in result.stdout, result.stdout
+    typo = run_cli("data", "check", bad / "4d.jsonl", "chanel=1", expect=None)
+    assert_one_line_error(typo, "chanel", "did you mean channel")
+
+
 def test_the_booby_trapped_pickles_do_run_code_when_unpickled(tmp_path):
     """The payloads are real: plain unpickling runs them (so "marker not created" above means something)."""
     torch.save({"model": _RunsCode(tmp_path / "zip_ran")}, tmp_path / "evil.pth")
@@ -290,8 +300,12 @@ def test_no_unsafe_loading_in_the_source_tree():
             torch_loads += 1
             if not re.search(r"weights_only\s*=\s*True", call):
                 unsafe.append(f"{path.relative_to(REPO)}: {call}")
-        unsafe += [f"{path.relative_to(REPO)}: {call}" for call in _calls(text, "yaml.load")]
-        unsafe += [f"{path.relative_to(REPO)}: {call}" for call in _calls(text, "pickle.load")]
+        for risky in ("yaml.load", "yaml.load_all", "yaml.full_load", "yaml.unsafe_load", "pickle.load",
+                      "pickle.loads", "torch.serialization.load"):
+            unsafe += [f"{path.relative_to(REPO)}: {call}" for call in _calls(text, risky)]
+        # an alias would hide a call from the scan above
+        unsafe += [f"{path.relative_to(REPO)}: {line.strip()}" for line in text.splitlines()
+                   if re.match(r"\s*from\s+(torch|yaml|pickle)\s+import\s+.*\b(load|load_all|full_load|unsafe_load)\b", line)]
     assert torch_loads >= 1  # the scan sees the checkpoint loader, so it would see a bad call too
     assert not unsafe, "\n".join(unsafe)
 

@@ -103,7 +103,7 @@ def test_labels_to_slices_and_back_is_exact_when_upsampling(tmp_path):
         assert (volume.to_volume(scores) == label).mean() > 0.97
 
 
-def test_spacing_mode_crops_and_maps_back(tmp_path):
+def test_spacing_mode_crops_maps_back_and_warns(tmp_path, capsys):
     image, label = _head((4, 40, 40))
     write_volume(image, _geometry((40, 40, 4)), tmp_path / "img.nii.gz")
     write_volume(label, _geometry((40, 40, 4)), tmp_path / "lab.nii.gz")
@@ -113,6 +113,8 @@ def test_spacing_mode_crops_and_maps_back(tmp_path):
     inner = (slice(None), slice(12, 28), slice(12, 28))  # the part of the slice that fitted in 32 px
     np.testing.assert_array_equal(back[inner], label[inner])
     assert back[:, :12].sum() == 0  # cropped away → background
+    warning = capsys.readouterr().err
+    assert "img.nii.gz" in warning and "cropped" in warning and "covers 16 mm" in warning
 
 
 def test_write_keeps_input_geometry_and_probabilities(tmp_path):

@@ -143,3 +143,22 @@ def test_vit_b_pretrain_export_loads_in_stock_segment_anything(small_manifests, 
     native = load_sam("vit_b", out / "sam_checkpoint.safetensors", image_size=64).image_encoder.state_dict()
     assert native["pos_embed"].shape == (1, 4, 4, 768)
     assert all(torch.equal(native[name], tensor) for name, tensor in trained.items())
+
+
+def test_layer_wise_lr_decay_scales_each_encoder_block():
+    from samadapt.models.registry import build_sam
+    from samadapt.pretrain.mae import MaskedAutoencoderSAM
+    from samadapt.pretrain.stage import layer_lr_scale
+    from samadapt.training import param_groups
+
+    mae = MaskedAutoencoderSAM(build_sam("vit_tiny").image_encoder)
+    groups = param_groups(mae, 0.05, layer_lr_scale(len(mae.encoder.blocks), 0.5))
+    scale = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
+    decay = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    named = dict(mae.named_parameters())
+    assert scale[id(named["encoder.blocks.3.attn.qkv.weight"])] == 0.5  # the last of 4 blocks
+    assert scale[id(named["encoder.blocks.0.attn.qkv.weight"])] == 0.5 ** 4
+    assert scale[id(named["encoder.patch_embed.proj.weight"])] == 0.5 ** 5
+    assert scale[id(named["decoder_pred.weight"])] == 1.0  # the MAE decoder learns at the full rate
+    assert decay[id(named["encoder.blocks.0.norm1.weight"])] == 0.0 and decay[id(named["encoder.pos_embed"])] == 0.0
+    assert decay[id(named["encoder.blocks.0.attn.qkv.weight"])] == 0.05

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import dataclass
 
+from samadapt.config import key
 from samadapt.errors import UserError
 
 
@@ -42,8 +44,18 @@ def add_parser(subparsers) -> None:
                                             "decode every volume (truncated files, NaN/Inf voxels, 4D images) "
                                             "and check the label values.")
     check.add_argument("manifest", help="manifest path or demo:brain / demo:ssl")
-    check.add_argument("options", nargs="*", metavar="num_classes=K", help="optional: num_classes=K")
+    check.add_argument("options", nargs="*", metavar="key=value",
+                       help="optional: num_classes=K, channel=C (4D images), resample_labels=true")
     check.set_defaults(func=_check)
+
+
+@dataclass(kw_only=True)
+class CheckKeys:
+    """Keys of ``samadapt data check`` (the data keys of the stages that matter for reading volumes)."""
+
+    num_classes: int | None = key(None, "also decode every volume and check label values are in 0..K-1")
+    channel: int | None = key(None, "volume to use from 4D / multi-channel images")
+    resample_labels: bool = key(False, "accept labels on another grid (they are resampled nearest-neighbour)")
 
 
 def _import(args: argparse.Namespace) -> int:
@@ -71,18 +83,12 @@ def _demo(args: argparse.Namespace) -> int:
 def _check(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from samadapt.config import parse_overrides
+    from samadapt.config import parse_config
     from samadapt.data.manifest import load_manifest, resolve_manifest
     from samadapt.data.readers import GEOMETRY_TOLERANCE_MM, read_header, read_label, read_volume
 
-    options = parse_overrides(args.options)
-    unknown = set(options) - {"num_classes"}
-    if unknown:
-        raise UserError(f"unknown key {sorted(unknown)[0]!r} — data check takes num_classes=K")
-    try:
-        num_classes = int(options["num_classes"]) if "num_classes" in options else None
-    except ValueError:
-        raise UserError(f"num_classes={options['num_classes']!r}: expected an integer") from None
+    options = parse_config(CheckKeys, None, args.options)
+    num_classes, channel = options.num_classes, options.channel
     path = resolve_manifest(args.manifest)
     cases = load_manifest(path)
     problems = []
@@ -94,9 +100,12 @@ def _check(args: argparse.Namespace) -> int:
             spacing = ",".join(f"{s:.3g}" for s in header["spacing"])
             label = "-"
             # num_classes=K: decode every volume (truncation, NaN/Inf, 4D) besides checking label values.
-            image = read_volume(case.image, series_uid=case.series_uid) if num_classes is not None else None
+            image = read_volume(case.image, channel, case.series_uid) if num_classes is not None else None
             if case.label is not None:
-                if image is None:
+                if image is None and options.resample_labels:
+                    read_header(case.label)  # readable; any grid is resampled onto the image's
+                    label = "ok (resampled)"
+                elif image is None:
                     label_header = read_header(case.label)
                     if label_header["size"] != header["size"]:
                         raise UserError(f"{case.label}: label shape {tuple(label_header['size'])} differs from "
@@ -108,7 +117,7 @@ def _check(args: argparse.Namespace) -> int:
                                         "files or set resample_labels=true")
                     label = "ok"
                 else:
-                    values = read_label(case.label, image, case.image, num_classes=num_classes)
+                    values = read_label(case.label, image, case.image, options.resample_labels, num_classes)
                     label = "values {" + ",".join(str(v) for v in np.unique(values)) + "}"
         except UserError as exc:
             problems.append(str(exc))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -52,8 +53,13 @@ class VolumeSlices:
             self.reference = readers.read_label(label, sitk_image, image, prep.resample_labels, num_classes)
             self._label_stack = to_plane(to_canonical(self.reference, source_axes, flips), prep.plane)
         spacing_zyx = [self.geometry["spacing"][::-1][a] for a in source_axes]
-        inplane = InPlane.fit(self._stack.shape[1:], plane_spacing(spacing_zyx, prep.plane), prep.image_size,
-                              prep.spacing)
+        pixel_mm = plane_spacing(spacing_zyx, prep.plane)
+        inplane = InPlane.fit(self._stack.shape[1:], pixel_mm, prep.image_size, prep.spacing)
+        if min(inplane.offset) < 0:  # spacing= was chosen: a slice larger than the canvas loses its edges
+            extent = " x ".join(f"{n * mm:.0f}" for n, mm in zip(self._stack.shape[1:], pixel_mm))
+            print(f"warning: {image}: {prep.plane} slices span {extent} mm but spacing={prep.spacing:g} mm x "
+                  f"image_size={prep.image_size} covers {prep.spacing * prep.image_size:.0f} mm — the edges are "
+                  "cropped (predicted as background there); raise spacing or image_size", file=sys.stderr)
         self.mapping = SliceMapping(self.geometry, source_axes, flips, prep.plane, inplane)
 
     def __len__(self) -> int:
