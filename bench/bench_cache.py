@@ -64,7 +64,7 @@ def measure(quick: bool) -> dict:
 
             marks = []
             Trainer(accelerator, config, Path(tmp) / f"run_{cached}").fit(
-                model, dataset, loss, after_step=lambda step, prepared, logs: marks.append(time.perf_counter()),
+                model, dataset, loss, after_step=lambda step, prepared: marks.append(time.perf_counter()),
                 desc=f"cache={cached}")
             return marks[2 * epoch_steps - 1] - marks[epoch_steps - 1], build
 

@@ -1,6 +1,6 @@
 """Run every samadapt benchmark on this machine; print one JSON object and write a Markdown table.
 
-    python bench/run.py [--quick] [--out bench/results.json] [--only KEY ... [--merge]] [--markdown-only]
+    python bench/run.py [--quick] [--out FILE.json] [--only KEY ... [--merge]] [--markdown-only]
 
 Keys (each ``{"value": float | null, "goal": str, "met": bool | null, "detail": {...}}``):
 finetune_overhead, pretrain_overhead, mae_speedup, embedding_cache_speedup, loader_headroom,
@@ -156,11 +156,14 @@ def markdown(results: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny configs, few steps (≤ 3 minutes)")
-    parser.add_argument("--out", type=Path, default=BENCH_DIR / "results.json", help="JSON output file")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="JSON output file (default bench/results.json; with --quick bench/quick/results.json, "
+                             "so a smoke run never replaces the committed full results)")
     parser.add_argument("--only", nargs="+", choices=KEYS, help="run only these benchmarks")
     parser.add_argument("--merge", action="store_true", help="with --only: update these keys in an existing --out")
     parser.add_argument("--markdown-only", action="store_true", help="only rewrite RESULTS.md from an existing --out")
     args = parser.parse_args()
+    args.out = args.out or BENCH_DIR / ("quick" if args.quick else "") / "results.json"
     if args.markdown_only:
         from samadapt.runs import write_text
 

@@ -238,54 +238,56 @@ class Trainer:
         t0, window_start, loss_value, logs = time.perf_counter(), time.perf_counter(), float("nan"), {}
         images_per_step = keys.batch_size * keys.grad_accumulation * acc.num_processes
         step = last_logged = start
-        while step < keys.steps:
-            factor = lr_factor(step, keys.steps, keys.warmup_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = keys.lr * factor * group.get("lr_scale", 1.0)
-            loss_sum = torch.zeros((), device=acc.device)
-            for micro in range(keys.grad_accumulation):
-                batch = next(stream)
-                # Masks, dropout and prompt jitter come from the global RNG seeded per micro-batch *after*
-                # fetching it (a new DataLoader iterator draws from that RNG): a resumed run draws the same.
-                torch.manual_seed(step_seed(keys.seed, step * keys.grad_accumulation + micro, acc.process_index))
-                last = micro == keys.grad_accumulation - 1
-                with (acc.no_sync(model) if not last else contextlib.nullcontext()), acc.autocast():
-                    loss, logs = loss_fn(model, batch)
-                    acc.backward(loss / keys.grad_accumulation)
-                loss_sum += loss.detach()
-            if keys.max_grad_norm:
-                acc.clip_grad_norm_(params, keys.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            if step % keys.log_every == 0 or step == keys.steps:
-                loss_value = acc.reduce(loss_sum, reduction="mean").item() / keys.grad_accumulation
-                elapsed = time.perf_counter() - window_start
-                row = {"step": step, "loss": round(loss_value, 6), "lr": keys.lr * factor,
-                       "images_per_s": round(images_per_step * (step - last_logged) / max(elapsed, 1e-9), 3),
-                       **{k: round(float(v), 6) for k, v in (logs() if callable(logs) else logs).items()}}
-                history.append(row)
-                window_start, last_logged = time.perf_counter(), step
-                if acc.is_main_process:
-                    self._write_history(history)
-                    if board is not None:
-                        for name, value in row.items():
-                            if name != "step":
-                                board.add_scalar(f"{desc}/{name}", value, step)
-                    bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{row['images_per_s']:.1f}")
-            bar.update(1)
-            if after_step is not None:
-                hook_start = time.perf_counter()
-                stop = after_step(step, model)
-                window_start += time.perf_counter() - hook_start  # validation/previews are not training time
-                if stop:
-                    break
-            # After the hook, so that a saved step has also been validated (the validator's state is saved too).
-            if step % keys.save_every == 0 and step < keys.steps:
-                self._save_state(step, stateful)
-        bar.close()
-        if board is not None:
-            board.close()
+        try:  # the bar ends its line even when a step fails, so an error message starts on its own line
+            while step < keys.steps:
+                factor = lr_factor(step, keys.steps, keys.warmup_steps)
+                for group in optimizer.param_groups:
+                    group["lr"] = keys.lr * factor * group.get("lr_scale", 1.0)
+                loss_sum = torch.zeros((), device=acc.device)
+                for micro in range(keys.grad_accumulation):
+                    batch = next(stream)
+                    # Masks, dropout and prompt jitter come from the global RNG seeded per micro-batch *after*
+                    # fetching it (a new DataLoader iterator draws from that RNG): a resumed run draws the same.
+                    torch.manual_seed(step_seed(keys.seed, step * keys.grad_accumulation + micro, acc.process_index))
+                    last = micro == keys.grad_accumulation - 1
+                    with (acc.no_sync(model) if not last else contextlib.nullcontext()), acc.autocast():
+                        loss, logs = loss_fn(model, batch)
+                        acc.backward(loss / keys.grad_accumulation)
+                    loss_sum += loss.detach()
+                if keys.max_grad_norm:
+                    acc.clip_grad_norm_(params, keys.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                if step % keys.log_every == 0 or step == keys.steps:
+                    loss_value = acc.reduce(loss_sum, reduction="mean").item() / keys.grad_accumulation
+                    elapsed = time.perf_counter() - window_start
+                    row = {"step": step, "loss": round(loss_value, 6), "lr": keys.lr * factor,
+                           "images_per_s": round(images_per_step * (step - last_logged) / max(elapsed, 1e-9), 3),
+                           **{k: round(float(v), 6) for k, v in (logs() if callable(logs) else logs).items()}}
+                    history.append(row)
+                    window_start, last_logged = time.perf_counter(), step
+                    if acc.is_main_process:
+                        self._write_history(history)
+                        if board is not None:
+                            for name, value in row.items():
+                                if name != "step":
+                                    board.add_scalar(f"{desc}/{name}", value, step)
+                        bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{row['images_per_s']:.1f}")
+                bar.update(1)
+                if after_step is not None:
+                    hook_start = time.perf_counter()
+                    stop = after_step(step, model)
+                    window_start += time.perf_counter() - hook_start  # validation/previews are not training time
+                    if stop:
+                        break
+                # After the hook, so that a saved step has also been validated (the validator's state is saved too).
+                if step % keys.save_every == 0 and step < keys.steps:
+                    self._save_state(step, stateful)
+        finally:
+            bar.close()
+            if board is not None:
+                board.close()
         return TrainResult(steps=step, resumed_from=start or None, final_loss=loss_value,
                            seconds=time.perf_counter() - t0, history=history)
 

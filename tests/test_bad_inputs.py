@@ -196,6 +196,13 @@ MATRIX = [
     Case("invalid YAML", ("finetune", "--config", "{d}/bad_yaml.yaml"), ("bad_yaml.yaml", "not valid YAML")),
     Case("wrong type for a key", ("finetune", "data=x.jsonl", "out=o", "num_classes=2", "steps=ten"),
          ("steps", "ten")),
+    Case("mixed_precision=fp16 on a CPU", ("finetune", "data={d}/empty_label.jsonl", "out={d}/runs/fp16", "num_classes=2",
+                                           "steps=1", "val_split=none", "cache_dir={d}/cache", *TINY,
+                                           "mixed_precision=fp16"),
+         ("mixed_precision=fp16 needs a CUDA GPU", "bf16")),
+    Case("export_merged that cannot be merged", ("finetune", "data=x.jsonl", "out=o", "num_classes=2",
+                                                 "export_merged=true"),
+         ("export_merged=true needs prompt=box|point",)),
     Case("value not among the choices", ("finetune", "data=x.jsonl", "out=o", "num_classes=2", "encoder=lorra"),
          ("encoder", "lorra")),
     Case("checkpoint of another arch", ("checkpoint", "info", "{ckpt}", "arch=vit_b"),
@@ -383,6 +390,19 @@ def test_disk_full_keeps_the_previous_artifact(bad, tiny_checkpoint):
     assert_one_line_error(result, str(target), "write failed", "disk full", exit_code=1)
     assert _sha256(target) == before
     assert [p.name for p in folder.iterdir()] == [target.name]
+
+
+def test_disk_full_while_saving_a_training_state_is_one_line_and_leaves_no_state(bad, tiny_checkpoint, finetuned):
+    """accelerate's save_state fails (EFBIG) at the first state: one line naming the state, no state folder
+    (complete or half-written) that a rerun would resume from."""
+    out = bad / "runs" / "state_disk_full"
+    args = [a for a in _finetune_args(bad, out) if not a.startswith(("steps=", "checkpoint="))]
+    result = _run(*args, "steps=2", "save_every=1", f"checkpoint={tiny_checkpoint}",
+                  preexec_fn=_disk_full(1 << 20))
+    line = assert_one_line_error(result, str(out / "state" / "step_1"), exit_code=1)
+    assert "File too large" in line, line
+    assert not (out / "stage_output.json").exists()
+    assert not (out / "state").exists() or not list((out / "state").iterdir())
 
 
 def test_disk_full_during_a_stage_leaves_no_complete_looking_output(bad):
