@@ -87,15 +87,22 @@ def _stderr(message: str) -> None:
 
 
 def ensure_demo_data(root: Path | None = None, log: Callable[[str], None] = _stderr) -> Path:
-    """Fetch (if needed) and verify every demo file; returns ``<cache>/demo``."""
+    """Fetch (if needed) and verify every demo file; returns ``<cache>/demo``.
+
+    Safe when several processes start at once (``accelerate launch`` ranks, parallel test workers): the
+    first takes a file lock and fetches, the others wait for it and then find every file valid."""
+    from filelock import FileLock
+
     folder = demo_dir(root)
-    for source in SOURCES:
-        missing = {member: target for member, target in source.members.items()
-                   if not _valid(folder / target[0], target[1])}
-        if missing:
-            archive = _fetch(source, folder / "downloads", log)
-            _extract(source, archive, missing, folder, log)
-    _derive_ch2_mask(folder, log)
+    folder.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(folder / ".fetch.lock")):
+        for source in SOURCES:
+            missing = {member: target for member, target in source.members.items()
+                       if not _valid(folder / target[0], target[1])}
+            if missing:
+                archive = _fetch(source, folder / "downloads", log)
+                _extract(source, archive, missing, folder, log)
+        _derive_ch2_mask(folder, log)
     return folder
 
 
