@@ -13,14 +13,13 @@ from accelerate import PartialState
 from tqdm.auto import tqdm
 
 from samadapt.data import VolumeSlices
-from samadapt.data.manifest import load_manifest
+from samadapt.data.manifest import MANIFEST_SUFFIXES, load_manifest
 from samadapt.data.readers import WRITABLE_SUFFIXES
 from samadapt.errors import UserError
 from samadapt.evaluate.config import PredictConfig
 from samadapt.evaluate.inference import PromptSettings, load_model, output_name, predict_slices
 from samadapt.runs import ensure_writable_dir
 
-MANIFEST_SUFFIXES = (".jsonl", ".csv")
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".mha", ".mhd")
 
 

@@ -109,7 +109,6 @@ def ensure_writable_dir(path: str | os.PathLike) -> Path:
     return path
 
 
-MANIFEST_SUFFIXES = (".jsonl", ".csv")
 # sha256 of regular files by (path, size, mtime): the pipeline runner checks a stage's inputs, then the stage
 # hashes them again; a multi-GB SAM checkpoint is read once per process.
 _FILE_HASHES: dict[tuple[str, int, int], str] = {}
@@ -255,11 +254,12 @@ def input_record(**paths: str | os.PathLike | None) -> dict[str, dict[str, Any] 
 def describe_input(path: str | os.PathLike) -> dict[str, Any]:
     """``{"path", "sha256"}`` of an input. A manifest's sha256 covers the volumes it lists too (an image
     edited in place is a changed input), whose own hashes are kept under ``"files"`` (resolved path → sha256)."""
+    from samadapt.data.manifest import MANIFEST_SUFFIXES, load_manifest
+
     path = Path(path)
     own = sha256_file(path)
     if not (path.is_file() and path.name.endswith(MANIFEST_SUFFIXES)):
         return {"path": str(path), "sha256": own}
-    from samadapt.data.manifest import load_manifest
 
     files = {str(f): sha256_file(f) for case in load_manifest(path) for f in (case.image, case.label) if f}
     digest = hashlib.sha256(own.encode())

@@ -23,6 +23,7 @@ from samadapt.errors import UserError
 SPLITS = ("train", "val", "test")
 COLUMNS = ("id", "image", "label", "modality", "split", "fold", "series_uid")
 DEMO_MANIFESTS = {"brain": "demo_brain.jsonl", "ssl": "demo_ssl.jsonl"}
+MANIFEST_SUFFIXES = (".jsonl", ".csv")
 _VARIABLE = re.compile(r"\$\{(\w+)\}|\$(\w+)")
 
 
