@@ -85,7 +85,7 @@ def _check(args: argparse.Namespace) -> int:
 
     from samadapt.config import parse_config
     from samadapt.data.manifest import load_manifest, resolve_manifest
-    from samadapt.data.readers import GEOMETRY_TOLERANCE_MM, read_header, read_label, read_volume
+    from samadapt.data.readers import label_grid_error, read_header, read_label, read_volume
 
     options = parse_config(CheckKeys, None, args.options)
     num_classes, channel = options.num_classes, options.channel
@@ -106,15 +106,9 @@ def _check(args: argparse.Namespace) -> int:
                     read_header(case.label)  # readable; any grid is resampled onto the image's
                     label = "ok (resampled)"
                 elif image is None:
-                    label_header = read_header(case.label)
-                    if label_header["size"] != header["size"]:
-                        raise UserError(f"{case.label}: label shape {tuple(label_header['size'])} differs from "
-                                        f"image {case.image} {tuple(header['size'])} (x, y, z)")
-                    if not all(np.allclose(label_header[k], header[k], rtol=0, atol=GEOMETRY_TOLERANCE_MM)
-                               for k in ("spacing", "origin", "direction")):
-                        raise UserError(f"{case.label}: label geometry (spacing/origin/direction) differs from "
-                                        f"image {case.image} by more than {GEOMETRY_TOLERANCE_MM:g} mm — fix the "
-                                        "files or set resample_labels=true")
+                    error = label_grid_error(read_header(case.label), header, case.label, case.image)
+                    if error is not None:
+                        raise error
                     label = "ok"
                 else:
                     values = read_label(case.label, image, case.image, options.resample_labels, num_classes)

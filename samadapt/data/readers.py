@@ -191,12 +191,18 @@ def _ranges(indices: np.ndarray) -> str:
     return shown + (f",... ({indices.size} slices)" if indices.size > 8 else "")
 
 
-def same_geometry(a: sitk.Image, b: sitk.Image, tol: float = GEOMETRY_TOLERANCE_MM) -> bool:
-    """Same size, and spacing/origin (mm) and direction cosines equal within ``tol``."""
-    return (a.GetSize() == b.GetSize()
-            and np.allclose(a.GetSpacing(), b.GetSpacing(), rtol=0, atol=tol)
-            and np.allclose(a.GetOrigin(), b.GetOrigin(), rtol=0, atol=tol)
-            and np.allclose(a.GetDirection(), b.GetDirection(), rtol=0, atol=tol))
+def label_grid_error(label: dict, image: dict, label_path: str | os.PathLike,
+                     image_path: str | os.PathLike) -> UserError | None:
+    """The error to raise when a label's voxel grid is not its image's (``geometry_of`` / ``read_header``
+    dicts: same size, spacing/origin in mm and direction cosines within GEOMETRY_TOLERANCE_MM), else None."""
+    if list(label["size"]) != list(image["size"]):
+        problem = f"shape {tuple(label['size'])} differs from image {image_path} {tuple(image['size'])} (x, y, z)"
+    elif not all(np.allclose(label[k], image[k], rtol=0, atol=GEOMETRY_TOLERANCE_MM)
+                 for k in ("spacing", "origin", "direction")):
+        problem = f"geometry (spacing/origin/direction) differs from image {image_path} by more than 1e-3 mm"
+    else:
+        return None
+    return UserError(f"{label_path}: label {problem} — fix the files or set resample_labels=true")
 
 
 def read_label(path: str | os.PathLike, image: sitk.Image, image_path: str | os.PathLike,
@@ -206,13 +212,10 @@ def read_label(path: str | os.PathLike, image: sitk.Image, image_path: str | os.
     ``resample=True`` resamples a label with other geometry onto the image grid (nearest neighbour)
     instead of refusing it."""
     label = read_volume(path)
-    if not same_geometry(image, label):
+    error = label_grid_error(geometry_of(label), geometry_of(image), path, image_path)
+    if error is not None:
         if not resample:
-            if label.GetSize() != image.GetSize():
-                problem = f"shape {label.GetSize()} differs from image {image_path} {image.GetSize()} (x, y, z)"
-            else:
-                problem = f"geometry (spacing/origin/direction) differs from image {image_path} by more than 1e-3 mm"
-            raise UserError(f"{path}: label {problem} — fix the files or set resample_labels=true")
+            raise error
         label = sitk.Resample(label, image, sitk.Transform(), sitk.sitkNearestNeighbor, 0, label.GetPixelID())
     values = to_array(label, path)
     check_label_values(values, path, num_classes)
