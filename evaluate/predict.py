@@ -18,7 +18,7 @@ from samadapt.data.readers import WRITABLE_SUFFIXES
 from samadapt.errors import UserError
 from samadapt.evaluate.config import PredictConfig
 from samadapt.evaluate.inference import PromptSettings, load_model, output_name, predict_slices
-from samadapt.runs import ensure_writable_dir
+from samadapt.runs import ensure_writable_dir, hold_lock
 
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".mha", ".mhd")
 
@@ -44,13 +44,16 @@ def run(config: PredictConfig) -> list[Path]:
     if Path(config.model).is_file():
         raise UserError(f"{config.model}: predict needs a finetune output folder — a plain SAM checkpoint segments "
                         "only with prompts from reference labels (samadapt evaluate prompt=box|point)")
-    out = ensure_writable_dir(config.out)
     loaded = load_model(config, None)
     if loaded.prompt != "none":
         raise UserError(f"{config.model}: trained with prompt={loaded.prompt}; predict has no reference labels to "
                         "derive prompts from — use a model fine-tuned with prompt=none")
     default_modality = loaded.train_modalities[0] if loaded.train_modalities else "MR"
     inputs = list_inputs(config.input, config.modality, default_modality)
+    out = Path(config.out)
+    check_targets(inputs, out, config.save_probabilities)
+    ensure_writable_dir(out)
+    lock = hold_lock(out) if state.is_main_process else None
     model = loaded.model.to(state.device)
     settings = PromptSettings("none")
     written = []
@@ -61,12 +64,36 @@ def run(config: PredictConfig) -> list[Path]:
             target = out / name
             if config.save_probabilities:
                 scores = predict_slices(model, slices, config.batch_size, settings, state.device, probabilities=True)
-                stem = next(name[: -len(s)] for s in WRITABLE_SUFFIXES if name.endswith(s))
-                slices.save_probabilities(scores, out / f"{stem}_probabilities.nii.gz")
+                slices.save_probabilities(scores, out / probabilities_name(name))
                 labels = slices.to_volume(scores)
             else:
                 labels = slices.to_volume(predict_slices(model, slices, config.batch_size, settings, state.device))
             written.append(slices.write(labels, target))
+    if lock is not None:
+        lock.release()
     if state.is_main_process:
         print(f"predict: wrote {len(written)} mask(s) to {out}")
     return written
+
+
+def probabilities_name(name: str) -> str:
+    """``scan.nii.gz`` → ``scan_probabilities.nii.gz`` (always NIfTI: a 4D image)."""
+    stem = next(name[: -len(s)] for s in WRITABLE_SUFFIXES if name.endswith(s))
+    return f"{stem}_probabilities.nii.gz"
+
+
+def check_targets(inputs: list[tuple[str, Path, str, str | None]], out: Path, probabilities: bool) -> None:
+    """Refuse before any inference when an output would overwrite an input or two outputs share a name."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: out= is a file, not a folder — choose a folder for the masks")
+    sources = {image.resolve(): image for _, image, _, _ in inputs}
+    claimed: dict[str, Path] = {}
+    for name, image, _, _ in inputs:
+        for target in [name, probabilities_name(name)] if probabilities else [name]:
+            if target in claimed:
+                raise UserError(f"{out / target}: both {claimed[target]} and {image} would be written to this name — "
+                                "rename one of the inputs or predict them into separate folders")
+            claimed[target] = image
+            if (out / target).resolve() in sources:
+                raise UserError(f"{out / target}: the mask of {image} would overwrite the input "
+                                f"{sources[(out / target).resolve()]} — choose another out=")

@@ -32,7 +32,7 @@ def _foreground_dice(entry: dict) -> float:
 
 def run(config: EvaluateConfig) -> StageOutput:
     manifest = resolve_manifest(config.data)
-    stage_run = begin_stage(config, data=manifest, model=config.model)
+    stage_run = begin_stage("evaluate", config, data=manifest, model=config.model)
     state = PartialState()
     out = Path(config.out)
     cases = load_manifest(manifest, split=config.split, require_labels=True)

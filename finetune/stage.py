@@ -120,7 +120,7 @@ def build_model(config: FinetuneConfig, save_base_to: Path | None = None) -> Sam
 
 def run(config: FinetuneConfig) -> StageOutput:
     manifest = resolve_manifest(config.data)
-    stage_run = begin_stage(config, data=manifest, checkpoint=config.checkpoint)
+    stage_run = begin_stage("finetune", config, data=manifest, checkpoint=config.checkpoint)
     accelerator = make_accelerator(config)
     out = Path(config.out)
     train_cases = choose_cases(load_manifest(manifest, split=config.split, require_labels=True),

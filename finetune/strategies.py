@@ -23,7 +23,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -35,7 +34,7 @@ from torch import nn
 from samadapt.errors import UserError
 from samadapt.finetune.config import STRATEGIES, AdapterKeys, LoraKeys, StrategyKeys, target_tokens
 from samadapt.finetune.adapters import ADAPTERS_ATTR, add_bottleneck_adapters, encoder_blocks
-from samadapt.runs import atomic_path, ensure_writable_dir
+from samadapt.runs import atomic_path, ensure_writable_dir, temporary_name
 
 ADAPTER_DIR = "adapter"
 TRAINABLE_FILE = "trainable.safetensors"
@@ -202,8 +201,8 @@ def _replace_dir(tmp: Path, dest: Path) -> None:
     """Move the finished folder ``tmp`` to ``dest``, replacing an older ``dest`` (renames only)."""
     old = None
     if dest.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old.tmp", dir=dest.parent))
-        os.replace(dest, old / dest.name)
+        old = temporary_name(dest)
+        os.replace(dest, old)
     os.replace(tmp, dest)
     if old is not None:
         shutil.rmtree(old)
@@ -217,7 +216,8 @@ def save_finetuned(model: nn.Module, out_dir: str | os.PathLike) -> dict[str, Pa
     out_dir = ensure_writable_dir(out_dir)
     written: dict[str, Path] = {}
     if isinstance(model.sam, PeftModel):
-        tmp = Path(tempfile.mkdtemp(prefix=f".{ADAPTER_DIR}.tmp", dir=out_dir))
+        tmp = temporary_name(out_dir / ADAPTER_DIR)
+        tmp.mkdir()
         try:
             model.sam.save_pretrained(tmp)
             _replace_dir(tmp, out_dir / ADAPTER_DIR)

@@ -33,7 +33,7 @@ from typing import Any
 
 from samadapt.config import build, iter_keys, parse_overrides, read_yaml, to_dict
 from samadapt.errors import UserError
-from samadapt.runs import RUN_CONFIG, STAGE_OUTPUT, inputs_unchanged, versions, write_json
+from samadapt.runs import RUN_CONFIG, STAGE_OUTPUT, check_output, inputs_unchanged, versions, write_json
 
 ARTIFACT_FILES: dict[str, dict[str, str]] = {
     "pretrain": {"sam_checkpoint": "sam_checkpoint.pth", "sam_safetensors": "sam_checkpoint.safetensors",
@@ -287,6 +287,7 @@ def run_pipeline(pipeline: str, overrides: list[str], start: str | None = None, 
         if force and status != "run":
             status = "run (forced)"
             if not dry_run:  # a forced rerun starts over, it does not resume (every process: before its barrier)
+                check_output(stage.command, stage.out)  # only a folder this stage wrote loses its states
                 shutil.rmtree(stage.out / "state", ignore_errors=True)
         outcome[stage.name] = status
         if dry_run:

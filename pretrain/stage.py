@@ -56,7 +56,7 @@ def build_dataset(config: PretrainConfig) -> SliceDataset:
 
 
 def run(config: PretrainConfig) -> StageOutput:
-    stage_run = begin_stage(config, data=resolve_manifest(config.data), checkpoint=config.checkpoint)
+    stage_run = begin_stage("pretrain", config, data=resolve_manifest(config.data), checkpoint=config.checkpoint)
     accelerator = make_accelerator(config)
     dataset = build_dataset(config)
     torch.manual_seed(config.seed)  # checkpoint=none: the same random SAM as a finetune with this seed

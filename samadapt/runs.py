@@ -14,8 +14,8 @@ import json
 import os
 import platform
 import re
+import secrets
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +27,25 @@ STAGE_OUTPUT = "stage_output.json"
 RUN_CONFIG = "run_config.json"
 
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
+# Every temporary samadapt writes is named ``.<final name>.<8 hex or "shared">.samadapt-tmp<final suffixes>``
+# (the suffixes stay last: nibabel and SimpleITK choose the format by them). Stale-temporary cleanup deletes
+# only names of exactly this shape, so it never touches a user's own ``.tmp`` files.
+TEMPORARY_MARK = ".samadapt-tmp"
+_TEMPORARY = re.compile(r"\..+\.(?:[0-9a-f]{8}|shared)" + re.escape(TEMPORARY_MARK) + r"(?:\.[^.]+)*")
+
+
+def temporary_name(final: str | os.PathLike, shared: bool = False) -> Path:
+    """A temporary path beside ``final`` that stale-temporary cleanup recognises as samadapt's own.
+
+    ``shared``: the same name in every process (a folder several ranks write into, e.g. a training state)."""
+    final = Path(final)
+    token = "shared" if shared else secrets.token_hex(4)
+    return final.parent / f".{final.name}.{token}{TEMPORARY_MARK}{''.join(final.suffixes)}"
+
+
+def is_temporary(name: str) -> bool:
+    """Whether ``name`` (a file or folder name) is one of :func:`temporary_name`'s."""
+    return _TEMPORARY.fullmatch(name) is not None
 
 
 @contextlib.contextmanager
@@ -38,10 +55,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     Use for writers that take a file name (torch.save, nibabel, SimpleITK, safetensors)."""
     path = Path(path)
     ensure_writable_dir(path.parent)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + "".join(path.suffixes), dir=path.parent)
-    os.close(fd)
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; artifacts get the usual mode of a new file
-    tmp_path = Path(tmp)
+    tmp_path = temporary_name(path)
+    # O_EXCL: the random name is never someone else's file; the usual mode of a new file (umask applies)
+    os.close(os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
         yield tmp_path
         os.replace(tmp_path, path)
@@ -95,6 +111,18 @@ def _nan_to_none(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [_nan_to_none(v) for v in obj]
     return obj
+
+
+def read_json(path: str | os.PathLike, what: str) -> Any:
+    """Parse a JSON file, or raise a one-line UserError naming ``path`` and what it should have been."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path}: {what} not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        where = f" ({exc.msg} at line {exc.lineno})" if isinstance(exc, json.JSONDecodeError) else ""
+        raise UserError(f"{path}: not a valid {what}{where}") from None
 
 
 def ensure_writable_dir(path: str | os.PathLike) -> Path:
@@ -196,51 +224,137 @@ class StageOutput:
     ok: bool = True
 
 
+LOCK_FILE = ".samadapt.lock"
+
+
 @dataclass
 class StageRun:
-    """A started stage: its start time and the hashes of the inputs it reads."""
+    """A started stage: its start time, the hashes of the inputs it reads and its hold on ``out``."""
 
     started: float
     inputs: dict[str, dict[str, str] | None]
+    lock: Any = None
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
 
 
-def begin_stage(config: Any, **input_paths: str | os.PathLike | None) -> StageRun:
-    """Make ``config.out`` usable, mark it incomplete (drop an old record) and hash the inputs.
+def _is_main_process() -> bool:
+    """Rank 0 of an ``accelerate launch`` (or a plain process): the one that claims and cleans ``out``."""
+    return os.environ.get("RANK", "0") == "0"
 
+
+def begin_stage(stage: str, config: Any, **input_paths: str | os.PathLike | None) -> StageRun:
+    """Claim ``config.out`` for ``stage``, mark it incomplete (drop its old record) and hash the inputs.
+
+    Nothing is deleted before ``out`` is proven to be this stage's own folder (see :func:`check_output`).
     Training states in ``out/state/`` are only resumed by the same config *and* the same input files: both
     are kept in ``out/run_config.json`` by the run that wrote the states; anything else discards them."""
     from samadapt.config import to_dict
 
-    out = ensure_writable_dir(config.out)
+    inputs = input_record(**input_paths)
+    out = Path(config.out)
+    # Every process checks (all of them delete below); only rank 0 holds the lock for the run.
+    check_output(stage, out, [p for entry in inputs.values() if entry for p in (entry["path"], *entry.get("files", {}))])
+    ensure_writable_dir(out)
+    lock = hold_lock(out) if _is_main_process() else None
     (out / STAGE_OUTPUT).unlink(missing_ok=True)
     remove_stale_temporaries(out)
-    inputs = input_record(**input_paths)
-    current = {"config": to_dict(config), "inputs": inputs}
+    current = {"stage": stage, "config": to_dict(config), "inputs": inputs}
     previous_path = out / RUN_CONFIG
-    if previous_path.is_file() and json.loads(previous_path.read_text(encoding="utf-8")) != current:
+    if previous_path.is_file() and _without_stage(read_json(previous_path, "run record")) != _without_stage(current):
         if (out / "state").is_dir():
             print(f"{out}: config or inputs changed since the saved training states — starting over")
             shutil.rmtree(out / "state", ignore_errors=True)  # other processes may race here
     write_json(previous_path, current)
-    return StageRun(started=time.time(), inputs=inputs)
+    return StageRun(started=time.time(), inputs=inputs, lock=lock)
+
+
+def _without_stage(record: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in record.items() if k != "stage"}  # run_config.json of older versions has no stage
+
+
+def recorded_stage(folder: Path) -> str | None:
+    """The stage that wrote ``folder`` (from its stage_output.json or run_config.json), None if unknown."""
+    for name in (STAGE_OUTPUT, RUN_CONFIG):
+        path = folder / name
+        if path.is_file():
+            try:
+                stage = json.loads(path.read_text(encoding="utf-8")).get("stage")
+            except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+                stage = None
+            if stage:
+                return str(stage)
+    return None
+
+
+def is_samadapt_folder(folder: Path) -> bool:
+    """Whether ``folder`` is a folder some samadapt stage wrote (it holds a stage record)."""
+    return (folder / STAGE_OUTPUT).is_file() or (folder / RUN_CONFIG).is_file()
+
+
+def check_output(stage: str, out: Path, input_paths: list[str | os.PathLike] = ()) -> None:
+    """Refuse an ``out=`` that is not ``stage``'s to write: an input of the run or a folder holding one, a
+    file, another stage's output, or a non-empty folder samadapt did not write. Deletes nothing."""
+    target = out.resolve()
+    for given in input_paths:
+        path = Path(given).resolve()
+        if path == target or target in path.parents:
+            what = "is an input of this run" if path == target else f"holds an input of this run ({given})"
+            raise UserError(f"{out}: out= {what} — choose a separate output folder")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: out= is a file, not a folder — choose a folder for the {stage} output")
+    if not out.is_dir():
+        return
+    owner = recorded_stage(out)
+    if owner is not None and owner != stage:
+        raise UserError(f"{out}: out= holds the output of a {owner} stage — a {stage} there would overwrite it; "
+                        "choose another out=")
+    if owner is None and not is_samadapt_folder(out):
+        # (a sibling rank's lock and temporaries may already be there)
+        foreign = sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE and not is_temporary(p.name))
+        if foreign:
+            shown = ", ".join(foreign[:3]) + (", …" if len(foreign) > 3 else "")
+            raise UserError(f"{out}: out= already holds files samadapt did not write ({shown}) — choose a new "
+                            "or empty folder")
+
+
+def hold_lock(folder: Path) -> Any:
+    """Hold ``folder``'s lock file or raise a UserError saying another run is writing there."""
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(folder / LOCK_FILE), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise UserError(f"{folder}: another samadapt run is writing to this folder right now — wait for it to "
+                        "finish or choose another out=") from None
+    return lock
 
 
 def remove_stale_temporaries(folder: Path) -> None:
-    """Delete the temporary files and folders (``.<name>...tmp...``) that a killed earlier run left in
-    ``folder``: only those older than this process, so a sibling process's writes in flight are safe."""
+    """Delete the temporaries (:func:`temporary_name`) that a killed earlier run left in ``folder``: only names
+    of that exact shape and only those older than this process, so a sibling process's writes in flight and
+    every file samadapt did not name are safe. ``folder`` must already be a stage's own (check_output)."""
     import psutil
 
     started = psutil.Process().create_time()
-    for path in sorted(folder.rglob(".*tmp*"), key=lambda p: len(p.parts)):
-        try:
-            if path.lstat().st_mtime >= started:
+    for root, dirs, files in os.walk(folder):
+        for name in [*files, *dirs]:
+            path = Path(root) / name
+            if not is_temporary(name):
                 continue
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                path.unlink(missing_ok=True)
-        except FileNotFoundError:  # inside a folder removed just before
-            continue
+            try:
+                if path.lstat().st_mtime >= started:
+                    continue
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+            except FileNotFoundError:
+                continue
+        dirs[:] = [d for d in dirs if not is_temporary(d)]
 
 
 def input_record(**paths: str | os.PathLike | None) -> dict[str, dict[str, Any] | None]:
@@ -285,4 +399,5 @@ def finish_stage(stage: str, config: Any, run: StageRun, artifacts: dict[str, st
         "stage": stage, "config": to_dict(config), "inputs": run.inputs, "artifacts": relative,
         "metrics": metrics, "wall_time_s": round(time.time() - run.started, 2),
     })
+    run.release()
     return StageOutput(stage=stage, out_dir=out, artifacts=relative, metrics=metrics)

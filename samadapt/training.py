@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from samadapt.errors import UserError
 from samadapt.keys import TrainKeys
-from samadapt.runs import failed_write, write_text
+from samadapt.runs import failed_write, temporary_name, write_text
 
 STATE_DIR = "state"
 PROGRESS_FILE = "progress.json"
@@ -142,7 +142,7 @@ class Trainer:
 
     def _save_state(self, step: int, stateful: dict[str, Any]) -> None:
         acc = self.accelerator
-        tmp = self.state_root / f".tmp_step_{step}"
+        tmp = temporary_name(self.state_root / f"step_{step}", shared=True)  # one name for every rank
         if acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
