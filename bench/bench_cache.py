@@ -17,7 +17,6 @@ import tempfile
 import time
 from pathlib import Path
 
-
 from common import entry, print_json, set_threads
 
 BATCH = 4

@@ -21,7 +21,6 @@ import tempfile
 import time
 from pathlib import Path
 
-
 from common import entry, print_json, quiet_stdout, set_threads
 
 EVAL_BATCH = 8
@@ -67,7 +66,7 @@ def realistic_metric_seconds(split: str) -> float:
 
     from samadapt.data import readers
     from samadapt.data.manifest import load_manifest, resolve_manifest
-    from samadapt.evaluate.metrics import case_metrics
+    from samadapt.metrics import case_metrics
 
     case = load_manifest(resolve_manifest("demo:brain"), split=split)[0]
     volume = readers.read_volume(case.label)
@@ -82,9 +81,9 @@ def predict_rate(arch: str, count: int) -> float:
     """Slices/s of ``predict_slices`` over ``count`` slices of the demo test volume."""
     from samadapt.data.manifest import load_manifest, resolve_manifest
     from samadapt.data.slices import VolumeSlices
-    from samadapt.evaluate.inference import PromptSettings, predict_slices
     from samadapt.finetune.config import FinetuneConfig
     from samadapt.finetune.stage import build_model
+    from samadapt.inference import AUTOMATIC, predict_slices
     from samadapt.keys import preprocessing
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -93,9 +92,9 @@ def predict_rate(arch: str, count: int) -> float:
         model = build_model(config)
     case = load_manifest(resolve_manifest(config.data), split="test")[0]
     slices = VolumeSlices(case.image, preprocessing(config), case.modality)
-    predict_slices(model, FirstSlices(slices, EVAL_BATCH), EVAL_BATCH, PromptSettings())  # warm-up
+    predict_slices(model, FirstSlices(slices, EVAL_BATCH), EVAL_BATCH, AUTOMATIC)  # warm-up
     start = time.perf_counter()
-    predict_slices(model, FirstSlices(slices, count), EVAL_BATCH, PromptSettings())
+    predict_slices(model, FirstSlices(slices, count), EVAL_BATCH, AUTOMATIC)
     return min(count, len(slices)) / (time.perf_counter() - start)
 
 

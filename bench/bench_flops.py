@@ -18,9 +18,8 @@ import tempfile
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
-
 from common import entry, print_json
+from torch.utils.flop_counter import FlopCounterMode
 
 PEAK_BF16_TFLOPS = {"A100": 312.0, "H100 SXM": 989.0}
 SIZE = 1024

@@ -17,9 +17,8 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, default_collate
-
 from common import entry, median, print_json, set_threads, step_times
+from torch.utils.data import DataLoader, default_collate
 
 BATCH = 4
 
@@ -56,6 +55,7 @@ def training_rate(model, dataset, loss, steps: int) -> float:
 
 def measure(quick: bool, data: str = "demo:brain", seconds: float | None = None) -> dict:
     from bench_overhead import finetune_setup
+
     from samadapt.data import SliceDataset
 
     seconds = seconds or (2.0 if quick else 10.0)

@@ -17,8 +17,16 @@ import argparse
 import gc
 
 import torch
-
-from common import current_rss_gib, entry, median, peak_rss_gib, print_json, run_json_subprocess, set_threads, step_times
+from common import (
+    current_rss_gib,
+    entry,
+    median,
+    peak_rss_gib,
+    print_json,
+    run_json_subprocess,
+    set_threads,
+    step_times,
+)
 
 MASK_RATIO = 0.75
 VARIANTS = ("none", "drop", "mask_token")

@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from common import current_rss_gib, entry, peak_rss_gib, print_json, run_json_subprocess, set_threads
 
 SIZE = 1024

@@ -25,9 +25,8 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.data import default_collate
-
 from common import entry, median, print_json, set_threads, step_times
+from torch.utils.data import default_collate
 
 BATCH = 4
 

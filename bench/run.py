@@ -165,7 +165,7 @@ def main() -> None:
     args = parser.parse_args()
     args.out = args.out or BENCH_DIR / ("quick" if args.quick else "") / "results.json"
     if args.markdown_only:
-        from samadapt.runs import write_text
+        from samadapt.io import write_text
 
         write_text(args.out.with_name("RESULTS.md"), markdown(json.loads(args.out.read_text(encoding="utf-8"))))
         return
@@ -178,7 +178,7 @@ def main() -> None:
         results = {**previous, **results, "machine": machine_entry}
     text = json.dumps(results, indent=2)
     print(text)
-    from samadapt.runs import write_text
+    from samadapt.io import write_text
 
     write_text(args.out, text + "\n")
     write_text(args.out.with_name("RESULTS.md"), markdown(results))

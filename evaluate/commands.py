@@ -19,7 +19,7 @@ def add_parser(subparsers) -> None:
 
 def _compare(args: argparse.Namespace) -> int:
     from samadapt.errors import UserError
-    from samadapt.evaluate.report import compare_runs
+    from samadapt.report import compare_runs
 
     if args.names and len(args.names) != len(args.eval_dirs):
         raise UserError(f"--names has {len(args.names)} names for {len(args.eval_dirs)} folders")

@@ -13,14 +13,13 @@ from accelerate import PartialState
 from tqdm.auto import tqdm
 
 from samadapt.data import VolumeSlices
-from samadapt.data.manifest import MANIFEST_SUFFIXES, load_manifest
-from samadapt.data.readers import WRITABLE_SUFFIXES
+from samadapt.data.formats import MANIFEST_SUFFIXES, VOLUME_SUFFIXES, WRITABLE_SUFFIXES, output_name
+from samadapt.data.manifest import load_manifest
 from samadapt.errors import UserError
 from samadapt.evaluate.config import PredictConfig
-from samadapt.evaluate.inference import PromptSettings, load_model, output_name, predict_slices
-from samadapt.runs import ensure_writable_dir, hold_lock
-
-IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".mha", ".mhd")
+from samadapt.inference import AUTOMATIC, load_model, predict_slices
+from samadapt.io import ensure_writable_dir
+from samadapt.stage_record import hold_lock
 
 
 def list_inputs(spec: str, modality: str | None, default_modality: str) -> list[tuple[str, Path, str, str | None]]:
@@ -33,7 +32,7 @@ def list_inputs(spec: str, modality: str | None, default_modality: str) -> list[
                 for c in load_manifest(path)]
     if path.is_file():
         return [(output_name(path), path, modality or default_modality, None)]
-    found = sorted(p for p in path.iterdir() if p.name.endswith(IMAGE_SUFFIXES) or (p.is_dir() and any(p.iterdir())))
+    found = sorted(p for p in path.iterdir() if p.name.endswith(VOLUME_SUFFIXES) or (p.is_dir() and any(p.iterdir())))
     if not found:
         raise UserError(f"{path}: no images (*.nii.gz, *.nrrd, *.mha) or DICOM series folders inside")
     return [(output_name(p), p, modality or default_modality, None) for p in found]
@@ -55,7 +54,6 @@ def run(config: PredictConfig) -> list[Path]:
     ensure_writable_dir(out)
     lock = hold_lock(out) if state.is_main_process else None
     model = loaded.model.to(state.device)
-    settings = PromptSettings("none")
     written = []
     with state.split_between_processes(inputs) as mine:
         for name, image, modality, series_uid in tqdm(mine, desc="predict", unit="volume",
@@ -63,11 +61,11 @@ def run(config: PredictConfig) -> list[Path]:
             slices = VolumeSlices(image, loaded.prep, modality, series_uid=series_uid)
             target = out / name
             if config.save_probabilities:
-                scores = predict_slices(model, slices, config.batch_size, settings, state.device, probabilities=True)
+                scores = predict_slices(model, slices, config.batch_size, AUTOMATIC, state.device, probabilities=True)
                 slices.save_probabilities(scores, out / probabilities_name(name))
                 labels = slices.to_volume(scores)
             else:
-                labels = slices.to_volume(predict_slices(model, slices, config.batch_size, settings, state.device))
+                labels = slices.to_volume(predict_slices(model, slices, config.batch_size, AUTOMATIC, state.device))
             written.append(slices.write(labels, target))
     if lock is not None:
         lock.release()

@@ -17,12 +17,17 @@ from accelerate import PartialState
 from accelerate.utils import gather_object
 
 from samadapt.data import readers
+from samadapt.data.formats import output_name
 from samadapt.data.manifest import load_label_names, load_manifest, resolve_manifest
 from samadapt.evaluate.config import EvaluateConfig
-from samadapt.evaluate.inference import PromptSettings, load_model, output_name, predict_case
-from samadapt.evaluate.metrics import case_metrics
-from samadapt.evaluate.report import summarize, write_overlay_png, write_per_case_csv
-from samadapt.runs import StageOutput, begin_stage, finish_stage, write_json
+from samadapt.inference import PromptSettings, load_model, predict_case
+from samadapt.io import write_json
+from samadapt.metrics import case_metrics
+from samadapt.report import summarize, write_overlay_png, write_per_case_csv
+from samadapt.stage_record import StageOutput, begin_stage, finish_stage
+from samadapt.stages import STAGES
+
+EVALUATE = STAGES["evaluate"]
 
 
 def _foreground_dice(entry: dict) -> float:
@@ -44,14 +49,14 @@ def run(config: EvaluateConfig) -> StageOutput:
     if unknown and state.is_main_process:
         print(f"warning: {manifest}: modality {', '.join(unknown)} differs from the training data's "
               f"({', '.join(loaded.train_modalities)}) — expect a domain gap", file=sys.stderr)
-    settings = PromptSettings(loaded.prompt, config.box_jitter, config.num_points, config.num_negative, config.seed)
+    settings = PromptSettings(loaded.prompt, config, config.seed)  # the config carries the prompt keys
     labels = range(1, loaded.num_classes)
     entries, metric_seconds = [], 0.0
     with state.split_between_processes(cases) as mine:
         for case in mine:
             prediction, slices = predict_case(model, case, loaded.prep, config.batch_size, settings, state.device,
                                               loaded.num_classes)
-            prediction_file = out / "predictions" / output_name(case.image, case.id)
+            prediction_file = EVALUATE.path(out, "predictions") / output_name(case.image, case.id)
             slices.write(prediction, prediction_file)
             tick = time.perf_counter()
             scores = case_metrics(prediction, slices.reference, slices.geometry["spacing"][::-1], labels,
@@ -67,19 +72,18 @@ def run(config: EvaluateConfig) -> StageOutput:
         entries.sort(key=lambda e: e["case_id"])
         summary = summarize(entries, config.nsd_tolerance_mm)
         summary["label_names"] = label_names
-        write_json(out / "summary.json", summary)
-        write_per_case_csv(summary, out / "per_case.csv", summary["label_names"] or None)
+        write_json(EVALUATE.path(out, "summary"), summary)
+        write_per_case_csv(summary, EVALUATE.path(out, "per_case"), summary["label_names"] or None)
         if config.overlays:
             _write_overlays(entries, cases, loaded.prep, loaded.num_classes, out)
         wall = time.time() - stage_run.started
         metrics = {"cases": len(entries), "foreground_mean": summary["foreground_mean"],
                    "metric_seconds": round(metric_seconds, 3), "metric_share": round(metric_seconds / max(wall, 1e-9), 4),
                    "prompt": loaded.prompt}
-        artifacts = {"summary": out / "summary.json", "per_case": out / "per_case.csv",
-                     "predictions": out / "predictions"}
+        artifacts = {name: EVALUATE.path(out, name) for name in EVALUATE.artifacts if EVALUATE.path(out, name).exists()}
         record = finish_stage("evaluate", config, stage_run, artifacts, metrics)
         dice = summary["foreground_mean"].get("Dice")
-        print(f"evaluate: {len(entries)} cases, foreground mean Dice {dice:.4f} → {out / 'summary.json'}")
+        print(f"evaluate: {len(entries)} cases, foreground mean Dice {dice:.4f} → {EVALUATE.path(out, 'summary')}")
     state.wait_for_everyone()
     return record
 
@@ -97,5 +101,5 @@ def _write_overlays(entries: list[dict], cases: list, prep, num_classes: int, ou
         image = readers.to_array(volume, case.image)
         reference = readers.read_label(case.label, volume, case.image, prep.resample_labels, num_classes)
         prediction = readers.to_array(readers.read_volume(entry["prediction_file"]), entry["prediction_file"])
-        write_overlay_png(image, reference, prediction, out / "overlays" / f"{case.id}.png",
+        write_overlay_png(image, reference, prediction, EVALUATE.path(out, "overlays") / f"{case.id}.png",
                           f"{case.id} ({tag}, Dice {_foreground_dice(entry):.3f})", spacing=volume.GetSpacing()[::-1])

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from samadapt.data import to_sam_input
 from samadapt.data.augment import AugmentConfig, augment, build_transform
 from samadapt.data.datasets import SliceDataset
+from samadapt.seeds import derived_seed
 
 
 def encoder_fingerprint(encoder: torch.nn.Module) -> str:
@@ -82,7 +83,7 @@ class EmbeddingDataset(Dataset):
                         item = self.slices[index]
                         image, label = item["image"][0].numpy(), item["label"].numpy()
                         if transform:
-                            image, label = augment(transform, image, label, self.seed * 7919 + view * 104729 + index)
+                            image, label = augment(transform, image, label, derived_seed(self.seed, "view", view, index))
                             labels[index, view] = label
                         images.append(torch.from_numpy(np.ascontiguousarray(image))[None])
                     batch = to_sam_input(torch.stack(images).to(device))

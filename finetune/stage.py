@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -20,22 +19,24 @@ import torch
 from accelerate.utils import broadcast_object_list
 
 from samadapt.data import SliceDataset, to_sam_input
-from samadapt.data.manifest import cache_root, load_manifest, resolve_manifest
+from samadapt.data.manifest import load_manifest, resolve_manifest
 from samadapt.errors import UserError
-from samadapt.evaluate.inference import PromptSettings, predict_case
-from samadapt.evaluate.metrics import case_metrics
 from samadapt.finetune.config import FinetuneConfig
 from samadapt.finetune.embeddings import EmbeddingDataset
-from samadapt.finetune.loading import BASE_WEIGHTS
-from samadapt.finetune.prompts import prompts_from_labels
-from samadapt.finetune.segmenter import SamSegmenter
-from samadapt.finetune.strategies import apply_strategy, merge_into_sam, parameter_summary, parameter_summary_line, save_finetuned
-from samadapt.keys import preprocessing
+from samadapt.inference import PromptSettings, predict_case, prompt_generator
+from samadapt.io import cache_root, write_json
+from samadapt.keys import PromptKeys, preprocessing
+from samadapt.metrics import case_metrics
 from samadapt.models.checkpoints import load_sam, save_sam_checkpoint, save_sam_safetensors
-from samadapt.runs import StageOutput, begin_stage, finish_stage, write_json
+from samadapt.models.finetuned import load_finetuned, merge_into_sam, save_finetuned
+from samadapt.models.prompts import prompts_from_labels
+from samadapt.models.segmenter import SamSegmenter
+from samadapt.models.strategies import apply_strategy, parameter_summary, parameter_summary_line
+from samadapt.stage_record import StageOutput, begin_stage, finish_stage
+from samadapt.stages import STAGES
 from samadapt.training import Trainer, make_accelerator
 
-VALIDATION_FILE = "validation.json"
+FINETUNE = STAGES["finetune"]
 
 
 def choose_cases(cases: list, count: int | None, seed: int) -> list:
@@ -51,8 +52,7 @@ def batch_prompts(config: FinetuneConfig, labels: torch.Tensor, case_ids, slices
     """Prompts for a training batch, fixed by the batch's slices (so a resumed run sees the same ones)."""
     if config.prompt == "none":
         return None
-    key = ",".join(f"{c}:{int(s)}" for c, s in zip(case_ids, slices))
-    rng = torch.Generator().manual_seed(config.seed * 1_000_003 + zlib.crc32(key.encode()))
+    rng = prompt_generator(config.seed, *(f"{c}:{int(s)}" for c, s in zip(case_ids, slices)))
     return prompts_from_labels(config.prompt, labels, config.num_classes, rng, box_jitter=config.box_jitter,
                                num_positive=config.num_points, num_negative=config.num_negative)
 
@@ -65,7 +65,7 @@ class Validator:
 
     def __init__(self, config: FinetuneConfig, cases: list, prep, accelerator):
         self.config, self.cases, self.prep, self.accelerator = config, cases, prep, accelerator
-        self.path = Path(config.out) / VALIDATION_FILE
+        self.path = FINETUNE.path(config.out, "validation")
         self.state = {"best_dice": None, "best_step": None, "bad_rounds": 0, "history": []}
 
     def state_dict(self) -> dict:
@@ -75,8 +75,8 @@ class Validator:
         self.state = state
 
     def mean_dice(self, model) -> float:
-        settings = PromptSettings(self.config.prompt, 0.0, self.config.num_points, self.config.num_negative,
-                                  self.config.seed)
+        keys = PromptKeys(box_jitter=0.0, num_points=self.config.num_points, num_negative=self.config.num_negative)
+        settings = PromptSettings(self.config.prompt, keys, self.config.seed)
         scores = []
         for case in self.cases:
             prediction, slices = predict_case(model, case, self.prep, self.config.eval_batch_size, settings,
@@ -118,37 +118,11 @@ def build_model(config: FinetuneConfig, save_base_to: Path | None = None) -> Sam
     return apply_strategy(segmenter, config.encoder, config.decoder, config.lora, config.adapter)
 
 
-def run(config: FinetuneConfig) -> StageOutput:
-    manifest = resolve_manifest(config.data)
-    stage_run = begin_stage("finetune", config, data=manifest, checkpoint=config.checkpoint)
-    accelerator = make_accelerator(config)
-    out = Path(config.out)
-    train_cases = choose_cases(load_manifest(manifest, split=config.split, require_labels=True),
-                               config.train_cases, config.seed)
-    val_cases = load_manifest(manifest, split=config.val_split, require_labels=True) if config.val_split else []
-    prep = preprocessing(config)
-    use_embeddings = config.encoder == "frozen" and config.embedding_cache
-    slices = SliceDataset(train_cases, prep, cache_dir=config.cache_dir, labeled=True,
-                          num_classes=config.num_classes, skip_empty=config.skip_empty,
-                          empty_fraction=config.empty_fraction, augment=None if use_embeddings else config.augment,
-                          seed=config.seed)
-    model = build_model(config, out / BASE_WEIGHTS if accelerator.is_main_process else None)
-    summary = parameter_summary(model)
-    if accelerator.is_main_process:
-        print(f"strategy encoder={config.encoder} decoder={config.decoder} prompt={config.prompt}: "
-              f"{parameter_summary_line(summary)}")
-    dataset = slices
-    if use_embeddings:
-        with accelerator.main_process_first():
-            dataset = EmbeddingDataset(slices, model.to(accelerator.device), Path(config.cache_dir or cache_root()),
-                                       config.embedding_views, config.augment, config.seed,
-                                       config.eval_batch_size, accelerator.device)
-        if accelerator.is_main_process:
-            views = config.embedding_views
-            print(f"embedding cache: {len(dataset)} slices, "
-                  + (f"{views} pre-augmented views each" if views else "no augmentation (embedding_views=0)"))
-    segmenter = model  # loss and label helpers hold no parameters: call them on the plain module
+def make_loss_fn(config: FinetuneConfig, segmenter: SamSegmenter, use_embeddings: bool):
+    """The training loss for :meth:`Trainer.fit`: ``loss_fn(prepared_model, batch) -> (loss, logs)``.
 
+    ``segmenter`` is the plain (unprepared) model: its loss and label helpers hold no parameters. The train
+    Dice is computed lazily, only for the steps whose logs become a metrics row."""
     def loss_fn(prepared, batch):
         labels = batch["label"]
         prompts = batch_prompts(config, labels.cpu(), batch["case_id"], batch["slice"])
@@ -161,34 +135,66 @@ def run(config: FinetuneConfig) -> StageOutput:
         loss = segmenter.loss_fn(logits, labels, present, config.class_weight_values)
         detached = logits.detach()  # not the graph: the closure outlives this step
         return loss, lambda: {"train_dice": segmenter.batch_dice(detached, labels, present)}
+    return loss_fn
 
-    steps_per_epoch = max(1, len(dataset) // (config.batch_size * accelerator.num_processes * config.grad_accumulation))
-    validate_every = config.val_every or steps_per_epoch
-    validator = Validator(config, val_cases, prep, accelerator) if val_cases else None
 
+def validation_hook(validator: Validator | None, every: int, steps: int):
+    """``after_step`` for :meth:`Trainer.fit`: validate every ``every`` steps and at the end; True = stop."""
     def after_step(step, prepared):
-        if validator is not None and (step % validate_every == 0 or step == config.steps):
+        if validator is not None and (step % every == 0 or step == steps):
             return validator(step, prepared)
         return False
+    return after_step
+
+
+def training_data(config: FinetuneConfig, model: SamSegmenter, train_cases: list, accelerator):
+    """The labeled slices and what the loop trains on: the slices, or (frozen encoder + embedding cache)
+    their image embeddings computed once."""
+    prep = preprocessing(config)
+    use_embeddings = config.encoder == "frozen" and config.embedding_cache
+    slices = SliceDataset(train_cases, prep, cache_dir=config.cache_dir, labeled=True,
+                          num_classes=config.num_classes, skip_empty=config.skip_empty,
+                          empty_fraction=config.empty_fraction, augment=None if use_embeddings else config.augment,
+                          seed=config.seed)
+    if not use_embeddings:
+        return slices, slices
+    with accelerator.main_process_first():
+        dataset = EmbeddingDataset(slices, model.to(accelerator.device), Path(config.cache_dir or cache_root()),
+                                   config.embedding_views, config.augment, config.seed,
+                                   config.eval_batch_size, accelerator.device)
+    if accelerator.is_main_process:
+        views = config.embedding_views
+        print(f"embedding cache: {len(dataset)} slices, "
+              + (f"{views} pre-augmented views each" if views else "no augmentation (embedding_views=0)"))
+    return slices, dataset
+
+
+def run(config: FinetuneConfig) -> StageOutput:
+    manifest = resolve_manifest(config.data)
+    stage_run = begin_stage("finetune", config, data=manifest, checkpoint=config.checkpoint)
+    accelerator = make_accelerator(config)
+    out = Path(config.out)
+    train_cases = choose_cases(load_manifest(manifest, split=config.split, require_labels=True),
+                               config.train_cases, config.seed)
+    val_cases = load_manifest(manifest, split=config.val_split, require_labels=True) if config.val_split else []
+    model = build_model(config, FINETUNE.path(out, "base_weights") if accelerator.is_main_process else None)
+    summary = parameter_summary(model)
+    if accelerator.is_main_process:
+        print(f"strategy encoder={config.encoder} decoder={config.decoder} prompt={config.prompt}: "
+              f"{parameter_summary_line(summary)}")
+    slices, dataset = training_data(config, model, train_cases, accelerator)
+    loss_fn = make_loss_fn(config, model, use_embeddings=dataset is not slices)
+    steps_per_epoch = max(1, len(dataset) // (config.batch_size * accelerator.num_processes * config.grad_accumulation))
+    validator = Validator(config, val_cases, preprocessing(config), accelerator) if val_cases else None
 
     trainer = Trainer(accelerator, config, out)
-    result = trainer.fit(model, dataset, loss_fn, sample_weights=slices.sample_weights(), after_step=after_step,
+    result = trainer.fit(model, dataset, loss_fn, sample_weights=slices.sample_weights(),
+                         after_step=validation_hook(validator, config.val_every or steps_per_epoch, config.steps),
                          stateful={"validator": validator} if validator else None, desc="finetune")
     accelerator.wait_for_everyone()
-    artifacts: dict[str, Path] = {}
-    if accelerator.is_main_process:
-        model = accelerator.unwrap_model(trainer.model).cpu()
-        if validator is None:  # otherwise the validator already saved the best validated weights
-            save_finetuned(model, out)
-        artifacts = {"trainable": out / "trainable.safetensors", "metrics": out / "metrics.csv"}
-        if (out / "adapter").is_dir():
-            artifacts["adapter"] = out / "adapter"
-        if config.export_merged:
-            best = _best_model(config, out) if validator is not None else model
-            save_sam_checkpoint(merge_into_sam(best), config.arch, out / "sam_merged.pth")
-            artifacts["sam_merged"] = out / "sam_merged.pth"
     record = None
     if accelerator.is_main_process:
+        artifacts = _export(config, accelerator.unwrap_model(trainer.model).cpu(), validator is not None)
         val = validator.state if validator else {}
         metrics = {"steps": result.steps, "final_loss": result.final_loss, "train_seconds": round(result.seconds, 2),
                    "train_volumes": len(train_cases), "val_volumes": len(val_cases), "train_slices": len(slices),
@@ -196,15 +202,28 @@ def run(config: FinetuneConfig) -> StageOutput:
                    "trainable_params": summary["trainable"], "total_params": summary["total"],
                    "train_cases": [c.id for c in train_cases],
                    "train_modalities": sorted({c.modality for c in train_cases}), "resumed_from_step": result.resumed_from,
-               "processes": accelerator.num_processes}
+                   "processes": accelerator.num_processes}
         record = finish_stage("finetune", config, stage_run, artifacts, metrics)
     accelerator.wait_for_everyone()
     return record
 
 
+def _export(config: FinetuneConfig, model: SamSegmenter, validated: bool) -> dict[str, Path]:
+    """Write the final weights (the validator already saved the best validated ones) and optional merged SAM;
+    returns the artifacts by registry name."""
+    out = Path(config.out)
+    if not validated:
+        save_finetuned(model, out)
+    names = ["trainable", "metrics", "adapter", "base_weights", "validation"]
+    if config.export_merged:
+        best = _best_model(config, out) if validated else model
+        save_sam_checkpoint(merge_into_sam(best), config.arch, FINETUNE.path(out, "sam_merged"))
+        names.append("sam_merged")
+    return {name: FINETUNE.path(out, name) for name in names if FINETUNE.path(out, name).exists()}
+
+
 def _best_model(config: FinetuneConfig, out: Path):
     """The best validated model, rebuilt from what the validator saved."""
-    from samadapt.finetune.strategies import load_finetuned
-
-    sam = load_sam(config.arch, config.checkpoint if config.checkpoint else out / BASE_WEIGHTS, config.image_size)
+    base = config.checkpoint if config.checkpoint else FINETUNE.path(out, "base_weights")
+    sam = load_sam(config.arch, base, config.image_size)
     return load_finetuned(SamSegmenter(sam, config.num_classes, config.prompt), out, config)

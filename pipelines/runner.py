@@ -12,7 +12,7 @@ A pipeline YAML::
       evaluate: {command: evaluate, config: {model: "${finetune.dir}"}}
     compare: [evaluate]             # evaluate stages (or their base names) to tabulate at the end
 
-``${stage.dir}`` is a stage's folder, ``${stage.<artifact>}`` one of its files (ARTIFACT_FILES). A stage is
+``${stage.dir}`` is a stage's folder, ``${stage.<artifact>}`` one of its files (the registry's artifacts). A stage is
 *up to date* when its ``stage_output.json`` holds the same resolved config and the same sha256 of every
 input; then it is skipped. Otherwise it runs — and resumes from ``state/step_<N>/`` when its previous run
 with the same config was killed (the stages' shared training loop does that). Changing a stage changes
@@ -22,10 +22,8 @@ its outputs' hashes, so everything downstream reruns too.
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import re
-import shutil
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -33,14 +31,10 @@ from typing import Any
 
 from samadapt.config import build, iter_keys, parse_overrides, read_yaml, to_dict
 from samadapt.errors import UserError
-from samadapt.runs import RUN_CONFIG, STAGE_OUTPUT, check_output, inputs_unchanged, versions, write_json
+from samadapt.io import write_json
+from samadapt.stage_record import STAGE_OUTPUT, check_output, discard_states, stage_status, versions
+from samadapt.stages import STAGES
 
-ARTIFACT_FILES: dict[str, dict[str, str]] = {
-    "pretrain": {"sam_checkpoint": "sam_checkpoint.pth", "sam_safetensors": "sam_checkpoint.safetensors",
-                 "encoder": "encoder.safetensors"},
-    "finetune": {"adapter": "adapter", "trainable": "trainable.safetensors", "sam_merged": "sam_merged.pth"},
-    "evaluate": {"summary": "summary.json", "predictions": "predictions"},
-}
 PIPELINE_KEYS = {"name", "defaults", "matrix", "stages", "compare", "description"}
 STAGE_KEYS = {"command", "config"}
 REF = re.compile(r"\$\{([^}]+)\}")
@@ -99,19 +93,15 @@ def plan(spec: dict[str, Any], source: Path, root: Path) -> list[Stage]:
     stages = spec.get("stages")
     if not isinstance(stages, dict) or not stages:
         raise UserError(f"{source}: 'stages' must map stage names to {{command, config}}")
-    from samadapt.cli import STAGES
-
     matrix = spec.get("matrix") or {}
     if not isinstance(matrix, dict) or not all(isinstance(v, list) and v for v in matrix.values()):
         raise UserError(f"{source}: 'matrix' must map each axis name to a non-empty list of values")
     cells = [dict(zip(matrix, combo)) for combo in itertools.product(*matrix.values())] if matrix else []
     deps: dict[str, set[str]] = {}
     for name, body in stages.items():
-        if not isinstance(body, dict) or set(body) - STAGE_KEYS or body.get("command") not in ARTIFACT_FILES:
-            raise UserError(f"{source}: stage {name!r} needs command: one of {sorted(ARTIFACT_FILES)} "
+        if not isinstance(body, dict) or set(body) - STAGE_KEYS or body.get("command") not in STAGES:
+            raise UserError(f"{source}: stage {name!r} needs command: one of {sorted(STAGES)} "
                             f"and an optional config mapping")
-        if body["command"] not in STAGES:
-            raise UserError(f"{source}: stage {name!r}: unknown command {body['command']!r}")
         deps[name] = set()
         for ref in _refs(body.get("config") or {}):
             head = ref.split(".")[0]
@@ -174,9 +164,7 @@ def _topological(deps: dict[str, set[str]], source: Path) -> list[str]:
 def resolve_config(stage: Stage, by_name: dict[str, Stage], defaults: dict[str, Any],
                    overrides: dict[str, str]) -> Any:
     """The stage's config object: defaults < YAML config < key=value < stage.key=value, refs resolved."""
-    from samadapt.cli import STAGES, _load
-
-    config_cls = _load(STAGES[stage.command][0])
+    config_cls = STAGES[stage.command].config_class()
     known = {name for name, _ in iter_keys(config_cls)}
     values = {k: v for k, v in defaults.items() if k in known}
     values.update(_flatten(stage.raw))
@@ -210,30 +198,14 @@ def _substitute(value: Any, stage: Stage, by_name: dict[str, Stage]) -> Any:
                 found = found[part]
             return str(found)
         upstream = next(by_name[d] for d in stage.deps if by_name[d].base == parts[0])
-        if len(parts) != 2 or (parts[1] != "dir" and parts[1] not in ARTIFACT_FILES[upstream.command]):
-            choices = ["dir", *ARTIFACT_FILES[upstream.command]]
+        provided = STAGES[upstream.command]
+        if len(parts) != 2 or (parts[1] != "dir" and parts[1] not in provided.artifacts):
             raise UserError(f"stage {stage.name}: ${{{match.group(1)}}} — {upstream.command} stages provide "
-                            f"{', '.join(choices)}")
-        return str(upstream.out if parts[1] == "dir" else upstream.out / ARTIFACT_FILES[upstream.command][parts[1]])
+                            f"{', '.join(['dir', *provided.artifacts])}")
+        return str(upstream.out if parts[1] == "dir" else provided.path(upstream.out, parts[1]))
 
     full = REF.fullmatch(value)
     return replace(full) if full else REF.sub(replace, value)
-
-
-def stage_status(config: Any) -> str:
-    """``up to date`` (same config and input hashes as the finished record), ``resume`` (training states
-    written with the same config and inputs) or ``run``."""
-    out = Path(config.out)
-    current = to_dict(config)
-    for name, status in ((STAGE_OUTPUT, "up to date"), (RUN_CONFIG, "resume")):
-        path = out / name
-        if status == "resume" and not any((out / "state").glob("step_*/progress.json")):
-            break
-        if path.is_file():
-            record = json.loads(path.read_text(encoding="utf-8"))
-            if record.get("config") == current and inputs_unchanged(record.get("inputs", {})):
-                return status
-    return "run"
 
 
 def _is_main_process() -> bool:
@@ -277,7 +249,7 @@ def run_pipeline(pipeline: str, overrides: list[str], start: str | None = None, 
     outcome: dict[str, str] = {}
     for stage in stages:
         config = configs[stage.name]
-        status = stage_status(config)
+        status = stage_status(stage.command, config)
         if dry_run and status != "run" and any(outcome.get(d, "up to date") != "up to date" for d in stage.deps):
             status = "run"  # an upstream stage will run and change this stage's inputs
         if stage not in selected:
@@ -288,7 +260,7 @@ def run_pipeline(pipeline: str, overrides: list[str], start: str | None = None, 
             status = "run (forced)"
             if not dry_run:  # a forced rerun starts over, it does not resume (every process: before its barrier)
                 check_output(stage.command, stage.out)  # only a folder this stage wrote loses its states
-                shutil.rmtree(stage.out / "state", ignore_errors=True)
+                discard_states(stage.out)
         outcome[stage.name] = status
         if dry_run:
             _say(f"{stage.name:<40} {stage.command:<9} {status:<13} {stage.out}")
@@ -297,9 +269,7 @@ def run_pipeline(pipeline: str, overrides: list[str], start: str | None = None, 
             _say(f"[{stage.name}] up to date — skipped")
             continue
         _say(f"[{stage.name}] {'resuming' if status == 'resume' else 'running'} {stage.command} → {stage.out}")
-        from samadapt.cli import STAGES, _load
-
-        result = _load(STAGES[stage.command][1])(config)
+        result = STAGES[stage.command].run_function()(config)
         if result is not None and not getattr(result, "ok", True):
             raise UserError(f"stage {stage.name} failed — see {stage.out}")
     if not dry_run and _is_main_process():
@@ -319,10 +289,8 @@ def _downstream(stage: Stage, stages: list[Stage]) -> set[str]:
 
 
 def _check_overrides(overrides: dict[str, str], stages: list[Stage]) -> None:
-    from samadapt.cli import STAGES, _load
-
     bases = {s.base for s in stages}
-    known = {k for s in stages for k, _ in iter_keys(_load(STAGES[s.command][0]))}
+    known = {k for s in stages for k, _ in iter_keys(STAGES[s.command].config_class())}
     for key in overrides:
         head, _, rest = key.partition(".")
         if head in bases and rest:
@@ -343,7 +311,7 @@ def _compare(spec: dict[str, Any], stages: list[Stage], root: Path, source: Path
     if not all((s.out / STAGE_OUTPUT).is_file() for s in chosen):
         _say("compare: skipped — not every compared evaluate stage has finished")
         return
-    from samadapt.evaluate.report import compare_runs
+    from samadapt.report import compare_runs
 
     markdown = compare_runs([s.out for s in chosen], root / "compare", names=[s.name for s in chosen])
     _say(f"\n{markdown}\nwritten: {root / 'compare.md'} (+ .csv, .png)")

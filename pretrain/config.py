@@ -6,17 +6,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from samadapt.config import key, required
+from samadapt.config import key, required, with_defaults
 from samadapt.keys import DataKeys, ModelKeys, TrainKeys
+
+Variant = Literal["drop", "mask_token"]
 
 
 @dataclass(kw_only=True)
-class PretrainConfig(ModelKeys, DataKeys, TrainKeys):
+class PretrainConfig(ModelKeys, with_defaults(DataKeys, plane="all"), with_defaults(TrainKeys, lr=1.5e-4, warmup_steps=50)):
     data: str = required("unlabeled manifest (.jsonl/.csv) or a packaged one such as demo:ssl")
     out: Path = required("output folder (resumes from out/state/ when rerun)")
-    plane: Literal["axial", "coronal", "sagittal", "all"] = key("all", "slicing plane; all = every plane")
     mask_ratio: float = key(0.75, "fraction of the image masked (rounded to whole mask units)")
-    variant: Literal["drop", "mask_token"] = key(
+    variant: Variant = key(
         "drop", "drop = encoder skips masked windows (MAE, faster); mask_token = SimMIM-style full grid"
     )
     decoder_dim: int = key(256, "width of the light MAE decoder (discarded at export)")
@@ -25,8 +26,6 @@ class PretrainConfig(ModelKeys, DataKeys, TrainKeys):
     layer_decay: float = key(1.0, "layer-wise lr decay for encoder blocks (1.0 = none, 0.75 typical)")
     skip_empty: float = key(0.05, "skip slices whose foreground fraction is below this (0 = keep all)")
     preview_every: int = key(100, "steps between reconstruction previews in out/previews/ (0 = never)")
-    lr: float = key(1.5e-4, "peak learning rate (AdamW)")
-    warmup_steps: int = key(50, "linear warm-up steps before the cosine decay")
 
     def __post_init__(self) -> None:
         self.check_training_keys()

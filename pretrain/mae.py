@@ -29,23 +29,30 @@ and the relative-position gather for sparse global attention.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, get_args
 
 import torch
 from lightly.models.modules.masked_vision_transformer_decoder_timm import MaskedVisionTransformerDecoderTIMM
 from lightly.models.modules.masked_vision_transformer_timm import init_weights
 from lightly.models.utils import (
-    get_at_index, mask_at_index, normalize_mean_var, patchify, random_token_mask, set_at_index, unpatchify,
+    get_at_index,
+    mask_at_index,
+    normalize_mean_var,
+    patchify,
+    random_token_mask,
+    set_at_index,
+    unpatchify,
 )
 from segment_anything.modeling import ImageEncoderViT
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from samadapt.errors import UserError
+from samadapt.pretrain.config import Variant
 from samadapt.pretrain.masking import WindowLayout, patch_mask_from_indices
 from samadapt.pretrain.sparse_blocks import global_block, windowed_block
 
-VARIANTS = ("drop", "mask_token")
+VARIANTS: tuple[str, ...] = get_args(Variant)
 
 
 class MAEOutput(NamedTuple):

@@ -10,7 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
 import torch  # noqa: E402
 
-from samadapt.runs import atomic_path  # noqa: E402
+from samadapt.io import atomic_path  # noqa: E402
 
 
 @torch.no_grad()

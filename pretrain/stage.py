@@ -25,9 +25,11 @@ from samadapt.models.checkpoints import load_sam, save_safetensors, save_sam_che
 from samadapt.pretrain.config import PretrainConfig
 from samadapt.pretrain.mae import MaskedAutoencoderSAM
 from samadapt.pretrain.preview import write_preview
-from samadapt.runs import StageOutput, begin_stage, finish_stage
+from samadapt.stage_record import StageOutput, begin_stage, finish_stage
+from samadapt.stages import STAGES
 from samadapt.training import Trainer, make_accelerator, param_groups
 
+PRETRAIN = STAGES["pretrain"]
 PREVIEW_IMAGES = 4
 
 
@@ -55,10 +57,8 @@ def build_dataset(config: PretrainConfig) -> SliceDataset:
     return dataset
 
 
-def run(config: PretrainConfig) -> StageOutput:
-    stage_run = begin_stage("pretrain", config, data=resolve_manifest(config.data), checkpoint=config.checkpoint)
-    accelerator = make_accelerator(config)
-    dataset = build_dataset(config)
+def build_model(config: PretrainConfig) -> tuple[torch.nn.Module, MaskedAutoencoderSAM]:
+    """The SAM to continue (its encoder is trained in place) and the MAE around its image encoder."""
     torch.manual_seed(config.seed)  # checkpoint=none: the same random SAM as a finetune with this seed
     sam = load_sam(config.arch, config.checkpoint, image_size=config.image_size)
     if not hasattr(sam.image_encoder, "blocks") or config.arch == "vit_t":
@@ -66,35 +66,53 @@ def run(config: PretrainConfig) -> StageOutput:
     mae = MaskedAutoencoderSAM(sam.image_encoder, mask_ratio=config.mask_ratio, decoder_dim=config.decoder_dim,
                                decoder_depth=config.decoder_depth, variant=config.variant,
                                norm_pix_loss=config.norm_pix_loss, grad_checkpointing=config.grad_checkpointing)
-    # Only the encoder and the MAE decoder learn; SAM's prompt encoder / mask decoder are exported as loaded.
-    groups = param_groups(mae, config.weight_decay, layer_lr_scale(len(sam.image_encoder.blocks), config.layer_decay))
-    preview_batch = torch.stack([dataset[i]["image"] for i in range(min(PREVIEW_IMAGES, len(dataset)))])
+    return sam, mae
 
-    def loss_fn(model, batch):
-        output = model(to_sam_input(batch["image"]))
-        return output.loss, {}
+
+def masked_image_loss(model, batch):
+    """The loss for :meth:`Trainer.fit`: the MAE's reconstruction loss on the masked patches."""
+    return model(to_sam_input(batch["image"])).loss, {}
+
+
+def preview_hook(config: PretrainConfig, dataset: SliceDataset, accelerator):
+    """``after_step`` for :meth:`Trainer.fit`: every ``preview_every`` steps a reconstruction preview of the
+    first slices in ``out/previews/step_<N>.png`` (main process); never stops training."""
+    images = torch.stack([dataset[i]["image"] for i in range(min(PREVIEW_IMAGES, len(dataset)))])
 
     def after_step(step, model):
         if config.preview_every and step % config.preview_every == 0 and accelerator.is_main_process:
-            write_preview(accelerator.unwrap_model(model), to_sam_input(preview_batch.to(accelerator.device)),
-                          Path(config.out) / "previews" / f"step_{step:06d}.png")
+            write_preview(accelerator.unwrap_model(model), to_sam_input(images.to(accelerator.device)),
+                          PRETRAIN.path(config.out, "previews") / f"step_{step:06d}.png")
         return False
+    return after_step
 
+
+def export(sam, config: PretrainConfig, artifacts: dict[str, Path]) -> None:
+    """The trained SAM as the official-shape ``.pth``, the same weights at the trained size as safetensors (a
+    fine-tune at that size loads them unchanged, while the ``.pth`` went through an up- and a down-sampling of
+    pos_embed and the rel-pos tables) and the encoder alone."""
+    save_sam_checkpoint(sam, config.arch, artifacts["sam_checkpoint"])
+    save_sam_safetensors(sam, config.arch, artifacts["sam_safetensors"])
+    save_safetensors({k: v.contiguous() for k, v in sam.image_encoder.state_dict().items()},
+                     artifacts["encoder"], metadata={"arch": config.arch, "image_size": str(config.image_size),
+                                                     "prefix": "image_encoder."})
+
+
+def run(config: PretrainConfig) -> StageOutput:
+    stage_run = begin_stage("pretrain", config, data=resolve_manifest(config.data), checkpoint=config.checkpoint)
+    accelerator = make_accelerator(config)
+    dataset = build_dataset(config)
+    sam, mae = build_model(config)
+    # Only the encoder and the MAE decoder learn; SAM's prompt encoder / mask decoder are exported as loaded.
+    groups = param_groups(mae, config.weight_decay, layer_lr_scale(len(sam.image_encoder.blocks), config.layer_decay))
     trainer = Trainer(accelerator, config, config.out)
-    result = trainer.fit(mae, dataset, loss_fn, groups=groups, after_step=after_step, desc="pretrain")
+    result = trainer.fit(mae, dataset, masked_image_loss, groups=groups, desc="pretrain",
+                         after_step=preview_hook(config, dataset, accelerator))
     accelerator.wait_for_everyone()
-    artifacts = {"sam_checkpoint": Path(config.out) / "sam_checkpoint.pth",
-                 "sam_safetensors": Path(config.out) / "sam_checkpoint.safetensors",
-                 "encoder": Path(config.out) / "encoder.safetensors", "metrics": Path(config.out) / "metrics.csv"}
+    artifacts = {name: PRETRAIN.path(config.out, name) for name in ("sam_checkpoint", "sam_safetensors", "encoder",
+                                                                      "metrics")}
     if accelerator.is_main_process:
-        sam = sam.cpu()
-        save_sam_checkpoint(sam, config.arch, artifacts["sam_checkpoint"])
-        # The same weights at the trained input size: fine-tuning at that size loads them unchanged, while the
-        # official-shape .pth went through an up- and a down-sampling of pos_embed and the rel-pos tables.
-        save_sam_safetensors(sam, config.arch, artifacts["sam_safetensors"])
-        save_safetensors({k: v.contiguous() for k, v in sam.image_encoder.state_dict().items()},
-                         artifacts["encoder"], metadata={"arch": config.arch, "image_size": str(config.image_size),
-                                                         "prefix": "image_encoder."})
+        export(sam.cpu(), config, artifacts)
     first_loss = float(result.history[0]["loss"]) if result.history else float("nan")
     metrics = {"steps": result.steps, "first_logged_loss": first_loss, "final_loss": result.final_loss,
                "train_seconds": round(result.seconds, 2), "slices": len(dataset),

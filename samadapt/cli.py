@@ -14,19 +14,8 @@ import sys
 from typing import Callable, Sequence
 
 from samadapt.errors import UserError, one_line
+from samadapt.stages import COMMANDS, STAGES, StageSpec
 
-# name → (config class, run function, one-line summary). Imported lazily: `--help` stays fast and a
-# stage's heavy imports (torch, monai) happen only when it runs.
-STAGES: dict[str, tuple[str, str, str]] = {
-    "pretrain": ("samadapt.pretrain.config:PretrainConfig", "samadapt.pretrain.stage:run",
-                 "MAE-style self-supervised training of SAM's image encoder on unlabeled slices"),
-    "finetune": ("samadapt.finetune.config:FinetuneConfig", "samadapt.finetune.stage:run",
-                 "fine-tune SAM on labeled volumes (encoder/decoder x frozen/full/lora/adapter)"),
-    "evaluate": ("samadapt.evaluate.config:EvaluateConfig", "samadapt.evaluate.stage:run",
-                 "segment a manifest's cases and score Dice / IoU / NSD / HD95 per case and class"),
-    "predict": ("samadapt.evaluate.config:PredictConfig", "samadapt.evaluate.predict:run",
-                "segment volumes and write masks with the input's geometry"),
-}
 # Command groups that register their own sub-parsers: module with add_parser(subparsers).
 GROUPS = ("samadapt.data.commands", "samadapt.models.commands", "samadapt.pipelines.commands",
           "samadapt.evaluate.commands")
@@ -34,37 +23,21 @@ GROUPS = ("samadapt.data.commands", "samadapt.models.commands", "samadapt.pipeli
 USER_OS_ERRORS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT, errno.ENOENT, errno.EFBIG, errno.EIO}
 
 
-def _load(spec: str) -> object:
-    module, _, attr = spec.partition(":")
-    return getattr(importlib.import_module(module), attr)
-
-
-def _stage_handler(name: str) -> Callable[[argparse.Namespace], int]:
+def _stage_handler(spec: StageSpec) -> Callable[[argparse.Namespace], int]:
     def handler(args: argparse.Namespace) -> int:
         from samadapt.config import parse_config
 
-        config_spec, run_spec, _ = STAGES[name]
-        try:
-            # Keys are checked before the stage's heavy imports (torch, monai: seconds), so a typo fails fast.
-            config = parse_config(_load(config_spec), args.config, args.overrides)
-            run = _load(run_spec)
-        except ModuleNotFoundError as exc:
-            if not (exc.name or "").startswith("samadapt."):
-                raise
-            raise UserError(f"samadapt {name} is not built yet in this version") from None
-        result = run(config)
+        # Keys are checked before the stage's heavy imports (torch, monai: seconds), so a typo fails fast.
+        config = parse_config(spec.config_class(), args.config, args.overrides)
+        result = spec.run_function()(config)
         return 0 if result is None or getattr(result, "ok", True) else 1
     return handler
 
 
-def _stage_epilog(name: str) -> str:
+def _stage_epilog(spec: StageSpec) -> str:
     from samadapt.config import describe
 
-    try:
-        config_cls = _load(STAGES[name][0])
-    except ModuleNotFoundError:
-        return "This stage is not built yet."
-    return "keys (key=default):\n" + describe(config_cls)
+    return "keys (key=default):\n" + describe(spec.config_class())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,14 +48,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors too")
     parser.add_argument("--version", action="version", version=_version())
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, (_, _, summary) in STAGES.items():
-        sub = subparsers.add_parser(name, help=summary, description=summary,
-                                    epilog=_stage_epilog(name),
+    # Stages and the commands that take a config like them (predict), from the one registry.
+    for spec in (*STAGES.values(), *COMMANDS.values()):
+        sub = subparsers.add_parser(spec.name, help=spec.summary, description=spec.summary,
+                                    epilog=_stage_epilog(spec),
                                     formatter_class=argparse.RawDescriptionHelpFormatter)
         sub.add_argument("--config", metavar="FILE.yaml", help="YAML file with keys (overrides win)")
         sub.add_argument("overrides", nargs="*", metavar="key=value", help="config keys, see below")
         sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-        sub.set_defaults(func=_stage_handler(name))
+        sub.set_defaults(func=_stage_handler(spec))
     for module in GROUPS:
         try:
             add_parser = importlib.import_module(module).add_parser

@@ -45,6 +45,33 @@ def group(cls: type, help: str) -> Any:
     return dataclasses.field(default_factory=cls, metadata={"help": help})
 
 
+def with_defaults(cls: type, **defaults: Any) -> type:
+    """The key group ``cls`` with other defaults for some keys: same names, types and help (one declaration).
+
+    E.g. evaluation draws box prompts without jitter: ``with_defaults(PromptKeys, box_jitter=0.0)``."""
+    hints = get_type_hints(cls)
+    unknown = set(defaults) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        raise TypeError(f"with_defaults: {cls.__name__} has no key(s) {sorted(unknown)}")  # a bug in a stage config
+    fields = [(f.name, hints[f.name], dataclasses.field(default=defaults.get(f.name, f.default), metadata=f.metadata))
+              for f in dataclasses.fields(cls)]
+    return dataclasses.make_dataclass(cls.__name__, fields, bases=(cls,), kw_only=True)
+
+
+def from_record(cls: type[T], recorded: dict[str, Any], source: str | Path) -> T:
+    """Rebuild the keys of ``cls`` from a recorded config (a stage_output.json's ``config``) through the same
+    builder as the CLI: keys added after the record was written get their defaults, keys ``cls`` does not have
+    are ignored, every value is validated. A record that does not fit is a one-line UserError naming ``source``."""
+    if not isinstance(recorded, dict):
+        raise UserError(f"{source}: the recorded config is not a mapping of keys")
+    known = {name for name, _ in iter_keys(cls)}
+    flat = {k: v for k, v in _flatten(recorded, source=str(source)).items() if k in known}
+    try:
+        return build(cls, flat)
+    except UserError as exc:
+        raise UserError(f"{source}: recorded config does not fit this version of samadapt ({exc})") from None
+
+
 def parse_config(cls: type[T], config_file: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> T:
     """Build ``cls`` from an optional YAML file and ``key=value`` overrides (overrides win)."""
     values: dict[str, Any] = {}

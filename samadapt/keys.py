@@ -1,35 +1,61 @@
-"""Keys every training stage shares (``samadapt pretrain|finetune --help`` list them).
+"""Config keys that more than one command shares, each declared once (``samadapt <cmd> --help`` lists them).
 
 Kept free of torch imports so ``--help`` is instant. Stage configs inherit these groups
-(``@dataclass(kw_only=True)``), so a key means the same thing in every stage.
+(``@dataclass(kw_only=True)``), so a key means the same thing in every stage; a stage that needs another
+default takes the group through :func:`samadapt.config.with_defaults` (same key, type and help). Each choice
+list is a ``Literal`` and its tuple is derived from it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
-from typing import Any, Literal, get_type_hints
+from typing import Any, Literal, get_args
 
-from samadapt.config import key
-from samadapt.data.preprocessing import Preprocessing
+from samadapt.config import group, key, required
+from samadapt.data.preprocessing import Preprocessing, preprocessing_fields
 from samadapt.errors import UserError
 
 Arch = Literal["vit_b", "vit_l", "vit_h", "vit_t", "vit_tiny"]
+ARCHS: tuple[str, ...] = get_args(Arch)
+PromptMode = Literal["none", "box", "point"]
+PROMPT_MODES: tuple[str, ...] = get_args(PromptMode)
+Strategy = Literal["frozen", "full", "lora", "adapter"]
+STRATEGIES: tuple[str, ...] = get_args(Strategy)
+_BLOCKS_SYNTAX = re.compile(r"all|last\d+|\d+(,\d+)*")
 
 
 @dataclass(kw_only=True)
-class ModelKeys:
+class ArchKeys:
     arch: Arch = key("vit_b", "SAM backbone: vit_b, vit_l, vit_h, vit_t (MobileSAM TinyViT), vit_tiny (tests)")
-    checkpoint: str | None = key(
-        None, "SAM-format weights (.pth official layout or .safetensors); none = random initialisation"
-    )
     image_size: int = key(1024, "input size in px (256/512 resize pos-embed and rel-pos tables of the weights)")
 
 
 @dataclass(kw_only=True)
-class TrainKeys:
+class ModelKeys(ArchKeys):
+    checkpoint: str | None = key(
+        None, "SAM-format weights (.pth official layout or .safetensors); none = random initialisation"
+    )
+
+
+@dataclass(kw_only=True)
+class SeedKeys:
+    seed: int = key(0, "seed for weights, data order, augmentations and prompts drawn from labels")
+
+
+@dataclass(kw_only=True)
+class BatchKeys:
+    batch_size: int = key(2, "images (slices) per forward pass and process; in training per micro-batch")
+
+    def check_batch_size(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size={self.batch_size}: must be at least 1")
+
+
+@dataclass(kw_only=True)
+class TrainKeys(SeedKeys, BatchKeys):
     steps: int = key(1000, "optimiser steps (each = batch_size x grad_accumulation x processes images)")
-    batch_size: int = key(2, "images per process per micro-batch")
     lr: float = key(1e-4, "peak learning rate (AdamW)")
     weight_decay: float = key(0.05, "AdamW weight decay (not applied to norms, biases, pos-embeddings)")
     warmup_steps: int = key(0, "linear warm-up steps before the cosine decay")
@@ -37,7 +63,6 @@ class TrainKeys:
     grad_accumulation: int = key(1, "micro-batches per optimiser step")
     mixed_precision: Literal["no", "bf16", "fp16"] = key("no", "autocast precision (fp16 needs a GPU)")
     grad_checkpointing: bool = key(False, "recompute encoder blocks in backward to save memory")
-    seed: int = key(0, "seed for weights, data order and augmentations")
     num_workers: int = key(0, "DataLoader worker processes per training process")
     save_every: int = key(200, "steps between resumable training states in out/state/step_<N>/")
     keep_states: int = key(2, "how many training states to keep (oldest deleted)")
@@ -47,24 +72,102 @@ class TrainKeys:
 
     def check_training_keys(self) -> None:
         """Called from the stage config's ``__post_init__``; ValueError becomes a one-line UserError."""
-        for name in ("steps", "batch_size", "grad_accumulation", "save_every", "keep_states", "log_every"):
+        self.check_batch_size()
+        for name in ("steps", "grad_accumulation", "save_every", "keep_states", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: must be at least 1")
         if self.lr <= 0:
             raise ValueError(f"lr={self.lr}: must be positive")
 
 
-def _preprocessing_fields() -> list[tuple[str, Any, Any]]:
-    """The data layer's Preprocessing fields (minus image_size, a model key) as stage keys: one source."""
-    hints = get_type_hints(Preprocessing)
-    return [(f.name, hints[f.name], dataclasses.field(default=f.default, metadata=f.metadata))
-            for f in dataclasses.fields(Preprocessing) if f.name != "image_size"]
+@dataclass
+class LoraKeys:
+    rank: int = key(8, "LoRA rank r")
+    alpha: float = key(16.0, "LoRA alpha (the update is scaled by alpha / rank)")
+    dropout: float = key(0.0, "dropout on the LoRA input")
+    targets: str = key(
+        "qkv,proj",
+        "comma list of Linear layers: qkv (attention q/k/v), proj (attention output), mlp; or a regex "
+        "matched against the end of a layer name (e.g. mlp\\.lin1)",
+    )
+    blocks: str = key("all", "image-encoder blocks with LoRA: all, lastN (e.g. last4) or indices (0,1,5)")
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise ValueError(f"lora.rank={self.rank}: must be at least 1")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"lora.dropout={self.dropout}: must be in [0, 1)")
+        if not _BLOCKS_SYNTAX.fullmatch(self.blocks.replace(" ", "")):
+            raise ValueError(f"lora.blocks={self.blocks!r}: use all, lastN (e.g. last4) or indices like 0,1,5")
+        for token in target_tokens(self.targets):
+            try:
+                re.compile(token)
+            except re.error as exc:
+                raise ValueError(f"lora.targets: {token!r} is not a valid regex ({exc})") from None
+
+    def block_indices(self, count: int) -> list[int]:
+        """Indices of the chosen blocks among ``count`` encoder blocks."""
+        spec = self.blocks.replace(" ", "")
+        if spec == "all":
+            return list(range(count))
+        if spec.startswith("last"):
+            last = int(spec[4:])
+            if not 1 <= last <= count:
+                raise UserError(f"lora.blocks={spec}: the image encoder has {count} blocks — use last1..last{count}")
+            return list(range(count - last, count))
+        indices = sorted({int(i) for i in spec.split(",")})
+        if indices[-1] >= count:
+            raise UserError(f"lora.blocks={spec}: the image encoder has {count} blocks (0–{count - 1})")
+        return indices
+
+
+def target_tokens(targets: str) -> list[str]:
+    tokens = [t.strip() for t in targets.split(",") if t.strip()]
+    if not tokens:
+        raise ValueError("lora.targets is empty: use e.g. qkv,proj")
+    return tokens
+
+
+@dataclass
+class AdapterKeys:
+    bottleneck: int = key(64, "hidden width of each bottleneck adapter")
+    scale: float = key(1.0, "adapter output scale")
+
+    def __post_init__(self) -> None:
+        if self.bottleneck < 1:
+            raise ValueError(f"adapter.bottleneck={self.bottleneck}: must be at least 1")
+
+
+@dataclass(kw_only=True)
+class StrategyKeys:
+    encoder: Strategy = key("lora", "image encoder: frozen, full, lora or adapter (the prompt encoder is always frozen)")
+    decoder: Strategy = key("full", "mask decoder: frozen, full, lora or adapter")
+    lora: LoraKeys = group(LoraKeys, "LoRA (encoder/decoder=lora)")
+    adapter: AdapterKeys = group(AdapterKeys, "bottleneck adapters (encoder/decoder=adapter)")
+
+
+@dataclass(kw_only=True)
+class SegmenterKeys(ModelKeys, StrategyKeys):
+    """What a fine-tuned model *is*: rebuilt from a finetune folder's recorded config (see
+    :func:`samadapt.models.finetuned.load_finetune_output`), so the core never imports the finetune stage."""
+
+    num_classes: int = required("number of classes including background (binary = 2)")
+    prompt: PromptMode = key("none", "none = automatic masks for all classes; box / point = prompts from the labels")
+
+
+@dataclass(kw_only=True)
+class PromptKeys:
+    """How box/point prompts are drawn from reference labels (training, validation, prompted evaluation)."""
+
+    box_jitter: float = key(0.1, "box prompts: random shift of each side, as a fraction of the box size")
+    num_points: int = key(1, "point prompts: positive points per class")
+    num_negative: int = key(0, "point prompts: negative points per class")
 
 
 DataKeys = dataclasses.make_dataclass("DataKeys", [
     ("split", str | None, key(None, "use only manifest rows of this split (train/val/test); none = all rows")),
     ("cache_dir", str | None, key(None, "slice cache folder; none = $SAMADAPT_CACHE or ~/.cache/samadapt")),
-    *_preprocessing_fields(),
+    *preprocessing_fields(exclude=("image_size",)),  # image_size is a model key (ArchKeys)
 ], kw_only=True)
 DataKeys.__doc__ = "Which manifest rows to read and how volumes become slices (see samadapt.data)."
 

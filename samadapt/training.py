@@ -31,11 +31,12 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
 from samadapt.errors import UserError
+from samadapt.io import failed_write, temporary_name, write_text
 from samadapt.keys import TrainKeys
-from samadapt.runs import failed_write, temporary_name, write_text
+from samadapt.seeds import derived_seed
+from samadapt.stage_record import PROGRESS_FILE, saved_states, state_folder
+from samadapt.stages import METRICS_FILE, STATE_DIR, TENSORBOARD_DIR
 
-STATE_DIR = "state"
-PROGRESS_FILE = "progress.json"
 # loss_fn(model, batch) -> (loss, logs): logs is {name: float}, or a zero-argument callable returning it that
 # the loop calls only for the micro-batches whose logs become a metrics row (extra metrics cost nothing
 # on the other steps).
@@ -79,7 +80,7 @@ class EpochSampler(Sampler[int]):
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        generator = torch.Generator().manual_seed(derived_seed(self.seed, "sampler", self.epoch))
         if self.weights is None:
             order = torch.randperm(self.num_items, generator=generator)
         else:
@@ -89,7 +90,7 @@ class EpochSampler(Sampler[int]):
 
 def step_seed(seed: int, micro_batch: int, process: int) -> int:
     """The global torch seed of one micro-batch on one process."""
-    return (seed * 1_000_003 + micro_batch * 1_009 + process) % 2**63
+    return derived_seed(seed, "micro_batch", micro_batch, process)
 
 
 def lr_factor(step: int, total: int, warmup: int) -> float:
@@ -135,14 +136,12 @@ class Trainer:
     # ---------------------------------------------------------------- states
     def saved_states(self) -> list[Path]:
         """Complete training states (renamed into place), oldest first."""
-        if not self.state_root.is_dir():
-            return []
-        states = [p for p in self.state_root.glob("step_*") if (p / PROGRESS_FILE).is_file()]
-        return sorted(states, key=lambda p: int(p.name.split("_")[1]))
+        return saved_states(self.out_dir)
 
     def _save_state(self, step: int, stateful: dict[str, Any]) -> None:
         acc = self.accelerator
-        tmp = temporary_name(self.state_root / f"step_{step}", shared=True)  # one name for every rank
+        final = state_folder(self.out_dir, step)
+        tmp = temporary_name(final, shared=True)  # one name for every rank
         if acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
@@ -151,7 +150,7 @@ class Trainer:
             acc.save_state(str(tmp))
         except Exception as exc:  # disk full / size limit: one line naming the state, no half state left
             shutil.rmtree(tmp, ignore_errors=True)
-            failed = failed_write(exc, self.state_root / f"step_{step}")
+            failed = failed_write(exc, final)
             if failed is not None:
                 raise failed from exc
             raise
@@ -159,7 +158,6 @@ class Trainer:
         if acc.is_main_process:
             objects = {name: obj.state_dict() for name, obj in stateful.items()}
             write_text(tmp / PROGRESS_FILE, json.dumps({"step": step, "objects": objects}))
-            final = self.state_root / f"step_{step}"
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
             for old in self.saved_states()[: -self.keys.keep_states]:
@@ -301,11 +299,11 @@ class Trainer:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:  # tensorboard is optional: metrics.csv has the same rows
             return None
-        return SummaryWriter(str(self.out_dir / "tensorboard"), purge_step=start or None)
+        return SummaryWriter(str(self.out_dir / TENSORBOARD_DIR), purge_step=start or None)
 
     def _read_history(self, start: int) -> list[dict[str, Any]]:
         """Rows of a previous run up to the resumed step (later rows belong to the lost part)."""
-        path = self.out_dir / "metrics.csv"
+        path = self.out_dir / METRICS_FILE
         if not start or not path.is_file():
             return []
         with open(path, newline="", encoding="utf-8") as handle:
@@ -319,5 +317,5 @@ class Trainer:
         writer = csv.DictWriter(buffer, fieldnames=names)
         writer.writeheader()
         writer.writerows(rows)
-        write_text(self.out_dir / "metrics.csv", buffer.getvalue())
+        write_text(self.out_dir / METRICS_FILE, buffer.getvalue())
 

@@ -14,11 +14,16 @@ import torch
 import torch.nn.functional as F
 
 from samadapt.errors import UserError
-from samadapt.models import build_sam
-from samadapt.models import commands
+from samadapt.models import build_sam, commands
 from samadapt.models.checkpoints import (
-    detect_arch, export_state_dict, load_safetensors, load_sam, load_state_dict, save_safetensors,
-    save_sam_checkpoint, save_sam_safetensors,
+    detect_arch,
+    export_state_dict,
+    load_safetensors,
+    load_sam,
+    load_state_dict,
+    save_safetensors,
+    save_sam_checkpoint,
+    save_sam_safetensors,
 )
 
 torch.set_num_threads(2)
@@ -242,7 +247,7 @@ def run_cli(*argv: str) -> int:
 
 
 def test_info_prints_arch_size_params_and_sha256(tiny_pth, capsys):
-    from samadapt.runs import sha256_file
+    from samadapt.io import sha256_file
 
     assert run_cli("checkpoint", "info", str(tiny_pth)) == 0
     printed = dict(line.split(":", 1) for line in capsys.readouterr().out.splitlines())

@@ -5,10 +5,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from samadapt.data import AugmentConfig, Preprocessing, SliceDataset, VolumeSlices
-from samadapt.data import readers
-from samadapt.data.cache import cached_slices, content_sha256
+from samadapt.data import AugmentConfig, Preprocessing, SliceDataset, VolumeSlices, readers
+from samadapt.data.cache import cached_slices
 from samadapt.data.manifest import Case
+from samadapt.io import sha256_file
 
 PREP = Preprocessing(image_size=32)
 
@@ -49,11 +49,11 @@ def test_cache_is_bit_identical_and_never_decodes_again(tmp_path):
 
 def test_content_hash_is_remembered_and_follows_edits(tmp_path):
     case = _case(tmp_path)
-    first = content_sha256(case.image, tmp_path)
+    first = sha256_file(case.image, tmp_path)
     assert len(list((tmp_path / "hashes").iterdir())) == 1
-    assert content_sha256(case.image, tmp_path) == first
+    assert sha256_file(case.image, tmp_path) == first
     _case(tmp_path, seed=1)  # rewrite the same path with other voxels
-    assert content_sha256(case.image, tmp_path) != first
+    assert sha256_file(case.image, tmp_path) != first
 
 
 def test_lost_rename_race_keeps_the_winner(tmp_path):

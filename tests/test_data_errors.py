@@ -126,5 +126,5 @@ def test_dicom_folders(tmp_path):
            VolumeSlices, tmp_path / "two", PREP)
     volume = read_volume(tmp_path / "two", series_uid="1.2.826.0.1.1")
     assert volume.GetSize() == (5, 6, 3)
-    np.testing.assert_allclose(volume.GetSpacing(), (0.9, 0.8, 2.5), atol=1e-6)  
+    np.testing.assert_allclose(volume.GetSpacing(), (0.9, 0.8, 2.5), atol=1e-6)
     assert sitk.GetArrayFromImage(volume)[:, 0, 0].tolist() == [0, 100, 200]

@@ -7,7 +7,7 @@ import pytest
 import torch
 from monai.metrics import compute_dice, compute_hausdorff_distance, compute_surface_dice
 
-from samadapt.evaluate.metrics import case_metrics
+from samadapt.metrics import case_metrics
 
 SHAPE = (14, 10, 10)
 

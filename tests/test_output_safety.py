@@ -169,7 +169,7 @@ def test_predict_never_writes_two_masks_onto_one_name(tmp_path, data, model):
 
 
 def test_temporary_names_are_recognised_exactly():
-    from samadapt.runs import is_temporary, temporary_name
+    from samadapt.io import is_temporary, temporary_name
 
     made = temporary_name(Path("out/predictions/case.nii.gz"))
     assert made.parent == Path("out/predictions") and made.name.endswith(".nii.gz") and is_temporary(made.name)

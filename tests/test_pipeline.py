@@ -137,7 +137,7 @@ def test_strategy_grid_expands_its_matrix(tmp_path):
 
 
 def test_a_manifest_input_hash_covers_the_volumes_it_lists(tmp_path):
-    from samadapt.runs import describe_input
+    from samadapt.stage_record import describe_input
 
     image = np.zeros((6, 5, 4), dtype=np.float32)
     nib.save(nib.Nifti1Image(image, np.eye(4)), tmp_path / "img.nii.gz")

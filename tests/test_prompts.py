@@ -3,7 +3,7 @@
 import torch
 from scipy import ndimage
 
-from samadapt.finetune.prompts import Prompts, boxes_from_labels, points_from_labels, prompts_from_labels
+from samadapt.models.prompts import Prompts, boxes_from_labels, points_from_labels, prompts_from_labels
 
 
 def hand_made_labels() -> torch.Tensor:

@@ -9,9 +9,9 @@ import pytest
 from matplotlib.image import imread
 
 from samadapt.errors import UserError
-from samadapt.evaluate.metrics import case_metrics
-from samadapt.evaluate.report import compare_runs, overlay_slices, summarize, write_overlay_png, write_per_case_csv
-from samadapt.runs import write_json
+from samadapt.io import write_json
+from samadapt.metrics import case_metrics
+from samadapt.report import compare_runs, overlay_slices, summarize, write_overlay_png, write_per_case_csv
 
 NAN = math.nan
 

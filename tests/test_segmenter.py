@@ -6,10 +6,10 @@ import torch
 import torch.nn.functional as F
 
 from samadapt.errors import UserError
-from samadapt.finetune.prompts import prompts_from_labels
-from samadapt.finetune.segmenter import ABSENT_LOGIT, SamSegmenter
 from samadapt.models import build_sam
 from samadapt.models.forward import encode_images
+from samadapt.models.prompts import prompts_from_labels
+from samadapt.models.segmenter import ABSENT_LOGIT, SamSegmenter
 
 SIZE = 256
 

@@ -12,13 +12,18 @@ from peft import PeftModel
 from torch import nn
 
 from samadapt.errors import UserError
-from samadapt.finetune.prompts import Prompts
-from samadapt.finetune.segmenter import SamSegmenter
-from samadapt.finetune.strategies import (
-    STRATEGIES, AdapterKeys, LoraKeys, StrategyKeys, apply_strategy, is_lora_param, load_finetuned, merge_into_sam,
-    parameter_summary, parameter_summary_line, plain_key, save_finetuned,
-)
+from samadapt.keys import STRATEGIES, AdapterKeys, LoraKeys, StrategyKeys
 from samadapt.models import build_sam
+from samadapt.models.finetuned import load_finetuned, merge_into_sam, save_finetuned
+from samadapt.models.prompts import Prompts
+from samadapt.models.segmenter import SamSegmenter
+from samadapt.models.strategies import (
+    apply_strategy,
+    is_lora_param,
+    parameter_summary,
+    parameter_summary_line,
+    plain_key,
+)
 
 torch.set_num_threads(1)  # measured: 2 threads were ~20x slower when other processes share the 2 cores
 IMAGE_SIZE = 256

@@ -23,35 +23,14 @@ from pathlib import Path
 import numpy as np
 
 from samadapt.data.geometry import SliceMapping
-from samadapt.data.manifest import Case, cache_root
+from samadapt.data.manifest import Case
 from samadapt.data.preprocessing import Preprocessing
 from samadapt.data.readers import check_label_values
 from samadapt.errors import UserError
-from samadapt.runs import sha256_file, write_json
+from samadapt.io import cache_root, sha256_file, write_json
 
 FOREGROUND_LEVEL = 0.05  # normalised intensity above which a pixel counts as imaged object
 CACHE_FORMAT = 1
-
-
-def content_sha256(path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> str:
-    """sha256 of a file's (or DICOM folder's) contents, remembered per (path, size, mtime)."""
-    path = Path(path).resolve()
-    if path.is_dir():
-        stats = [f.stat() for f in sorted(path.rglob("*")) if f.is_file()]
-        signature = [len(stats), sum(s.st_size for s in stats), max((s.st_mtime_ns for s in stats), default=0)]
-    else:
-        stat = path.stat()
-        signature = [stat.st_size, stat.st_mtime_ns]
-    record = Path(cache_dir or cache_root()) / "hashes" / (hashlib.sha256(str(path).encode()).hexdigest()[:32] + ".json")
-    try:
-        known = json.loads(record.read_text(encoding="utf-8"))
-        if known["path"] == str(path) and known["signature"] == signature:
-            return known["sha256"]
-    except (OSError, ValueError, KeyError):
-        pass
-    digest = sha256_file(path)
-    write_json(record, {"path": str(path), "signature": signature, "sha256": digest})
-    return digest
 
 
 class CachedSlices:
@@ -91,8 +70,8 @@ class CachedSlices:
 
 
 def entry_key(case: Case, prep: Preprocessing, cache_dir: Path) -> str:
-    image_sha = content_sha256(case.image, cache_dir)[:16]
-    label_sha = content_sha256(case.label, cache_dir)[:16] if case.label else "nolabel"
+    image_sha = sha256_file(case.image, cache_dir)[:16]
+    label_sha = sha256_file(case.label, cache_dir)[:16] if case.label else "nolabel"
     extra = hashlib.sha256(f"{case.modality}|{case.series_uid}|{CACHE_FORMAT}".encode()).hexdigest()[:8]
     return f"{image_sha}-{label_sha}-{extra}-{prep.key()}"
 

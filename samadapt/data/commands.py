@@ -6,10 +6,11 @@ Only argparse at import time; the handlers import the heavy modules when they ru
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
-from dataclasses import dataclass
 
 from samadapt.config import key
+from samadapt.data.preprocessing import preprocessing_fields
 from samadapt.errors import UserError
 
 
@@ -49,13 +50,11 @@ def add_parser(subparsers) -> None:
     check.set_defaults(func=_check)
 
 
-@dataclass(kw_only=True)
-class CheckKeys:
-    """Keys of ``samadapt data check`` (the data keys of the stages that matter for reading volumes)."""
-
-    num_classes: int | None = key(None, "also decode every volume and check label values are in 0..K-1")
-    channel: int | None = key(None, "volume to use from 4D / multi-channel images")
-    resample_labels: bool = key(False, "accept labels on another grid (they are resampled nearest-neighbour)")
+CheckKeys = dataclasses.make_dataclass("CheckKeys", [
+    ("num_classes", int | None, key(None, "also decode every volume and check label values are in 0..K-1")),
+    *preprocessing_fields(include=("channel", "resample_labels")),  # the same keys as the stages'
+], kw_only=True)
+CheckKeys.__doc__ = "Keys of ``samadapt data check`` (the data keys of the stages that matter for reading volumes)."
 
 
 def _import(args: argparse.Namespace) -> int:

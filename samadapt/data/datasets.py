@@ -16,6 +16,7 @@ from samadapt.data.cache import CachedSlices, cached_slices
 from samadapt.data.manifest import Case
 from samadapt.data.preprocessing import Preprocessing
 from samadapt.errors import UserError
+from samadapt.seeds import derived_seed
 
 
 class SliceDataset(Dataset):
@@ -86,7 +87,7 @@ class SliceDataset(Dataset):
         if self._transform is not None:
             # A pure function of (seed, epoch, item): the same in every DataLoader worker and process, and
             # the same again after a resumed run replays this epoch.
-            seed = (self.seed * 1_000_003 + self.epoch * 7919 + index) % 2**32
+            seed = derived_seed(self.seed, "augment", self.epoch, index)
             image, label = augment(self._transform, image, label, seed)
         item = {"image": torch.from_numpy(np.ascontiguousarray(image))[None], "case_id": case.id, "slice": i,
                 "plane": entry.mapping.plane}

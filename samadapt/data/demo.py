@@ -28,7 +28,7 @@ from typing import Callable
 
 from samadapt.data.manifest import cache_root
 from samadapt.errors import UserError, one_line
-from samadapt.runs import atomic_path, sha256_file, write_text
+from samadapt.io import atomic_path, sha256_file, write_text
 
 
 @dataclass(frozen=True)

@@ -16,12 +16,11 @@ import json
 import random
 from pathlib import Path
 
+from samadapt.data.formats import VOLUME_SUFFIXES, volume_stem
 from samadapt.data.manifest import write_manifest
 from samadapt.data.readers import dicom_series
 from samadapt.errors import UserError
-from samadapt.runs import write_json
-
-VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+from samadapt.io import write_json
 
 
 def import_dataset(folder: str | Path, out: str | Path, val_fraction: float = 0.0, folds: int | None = None,
@@ -100,11 +99,11 @@ def _msd_rows(folder: Path, meta: dict) -> list[dict]:
         for path in (image, label):
             if not path.is_file():
                 raise UserError(f"{folder / 'dataset.json'}: listed file {path} not found")
-        rows.append({"id": _case_id(image), "image": image, "label": label, "modality": modality, "split": ""})
+        rows.append({"id": volume_stem(image), "image": image, "label": label, "modality": modality, "split": ""})
     for entry in meta.get("test", []):
         image = folder / (entry if isinstance(entry, str) else entry["image"])
         if image.is_file():
-            rows.append({"id": _case_id(image), "image": image, "label": None, "modality": modality, "split": "test"})
+            rows.append({"id": volume_stem(image), "image": image, "label": None, "modality": modality, "split": "test"})
     return rows
 
 
@@ -122,19 +121,12 @@ def _folder_rows(folder: Path, modality: str) -> list[dict]:
     rows, seen = [], set()
     for path, uid in found:
         case = str(path.relative_to(folder)).replace("/", "_") if path != folder else folder.name
-        case = _case_id(Path(case)) if path.is_file() else case + (f"_{uid}" if uid else "")
+        case = volume_stem(Path(case)) if path.is_file() else case + (f"_{uid}" if uid else "")
         if case in seen:
             raise UserError(f"{path}: two images give the case id {case!r} — rename one")
         seen.add(case)
         rows.append({"id": case, "image": path, "label": None, "modality": modality, "split": "", "series_uid": uid})
     return rows
-
-
-def _case_id(path: Path) -> str:
-    for suffix in VOLUME_SUFFIXES:
-        if path.name.endswith(suffix):
-            return path.name[: -len(suffix)]
-    return path.name
 
 
 def _assign_splits(rows: list[dict], val_fraction: float, folds: int | None, seed: int) -> None:

@@ -17,13 +17,14 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from samadapt.data.formats import volume_stem
 from samadapt.data.normalise import MODALITIES, canonical_modality
 from samadapt.errors import UserError
+from samadapt.io import cache_root
 
 SPLITS = ("train", "val", "test")
 COLUMNS = ("id", "image", "label", "modality", "split", "fold", "series_uid")
 DEMO_MANIFESTS = {"brain": "demo_brain.jsonl", "ssl": "demo_ssl.jsonl"}
-MANIFEST_SUFFIXES = (".jsonl", ".csv")
 _VARIABLE = re.compile(r"\$\{(\w+)\}|\$(\w+)")
 
 
@@ -38,11 +39,6 @@ class Case:
     split: str
     fold: int | None = None
     series_uid: str | None = None
-
-
-def cache_root() -> Path:
-    """The samadapt cache folder: ``$SAMADAPT_CACHE`` or ``~/.cache/samadapt``."""
-    return Path(os.environ.get("SAMADAPT_CACHE") or Path.home() / ".cache" / "samadapt").expanduser()
 
 
 def expand_path(text: str, base: Path) -> Path:
@@ -178,7 +174,7 @@ def _parse_row(row: dict, number: int, base: Path, problems: list[str]) -> Case 
             problems.append(f"row {number}: fold {values['fold']!r} is not an integer")
     if "image" not in paths:
         return None
-    case_id = values["id"] or _stem(paths["image"])
+    case_id = values["id"] or volume_stem(paths["image"])
     if not _is_plain_name(case_id):
         # Output files are named after the id (predictions/<id>.nii.gz): it must not lead out of out=.
         problems.append(f"row {number}: id {case_id!r} is not a plain file name (no / \\ or ..)")
@@ -189,14 +185,6 @@ def _parse_row(row: dict, number: int, base: Path, problems: list[str]) -> Case 
 
 def _is_plain_name(case_id: str) -> bool:
     return not any(sep in case_id for sep in ("/", "\\", "\0")) and case_id not in (".", "..")
-
-
-def _stem(path: Path) -> str:
-    name = path.name
-    for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd"):
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return name
 
 
 def load_label_names(manifest_path: str | os.PathLike) -> dict[int, str] | None:
@@ -232,7 +220,7 @@ def _label_mapping(data: object, path: Path) -> dict[int, str]:
 
 def write_manifest(path: str | os.PathLike, rows: list[dict]) -> Path:
     """Write rows as JSON Lines (atomically); paths inside the manifest's folder become relative."""
-    from samadapt.runs import write_text
+    from samadapt.io import write_text
 
     path = Path(path)
     lines = []

@@ -10,17 +10,18 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal, get_args, get_type_hints
 
 # Bump when the slice computation changes, so old cache entries are not reused.
 PREPROCESSING_VERSION = 1
-PLANES = ("axial", "coronal", "sagittal")
+Plane = Literal["axial", "coronal", "sagittal"]
+PLANES: tuple[str, ...] = get_args(Plane)
 
 
 @dataclass(frozen=True)
 class Preprocessing:
     image_size: int = field(default=1024, metadata={"help": "side of the square model input in px"})
-    plane: Literal["axial", "coronal", "sagittal", "all"] = field(
+    plane: Literal[Plane, "all"] = field(
         default="axial", metadata={"help": "slicing plane after reorienting to LPS (all = every plane, SSL)"})
     spacing: float | None = field(
         default=None, metadata={"help": "in-plane pixel size in mm to resample to; none = fit the slice to image_size"})
@@ -51,3 +52,11 @@ class Preprocessing:
         """Stable 16-hex-digit hash of every field (and the preprocessing code version)."""
         payload = json.dumps({"version": PREPROCESSING_VERSION, **dataclasses.asdict(self)}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def preprocessing_fields(include: tuple[str, ...] = (), exclude: tuple[str, ...] = ()) -> list[tuple[str, Any, Any]]:
+    """Preprocessing's fields as ``(name, type, field)`` for ``dataclasses.make_dataclass``: how a command's
+    config declares these keys without repeating them (``include`` = only those; ``exclude`` = all but those)."""
+    hints = get_type_hints(Preprocessing)
+    return [(f.name, hints[f.name], field(default=f.default, metadata=f.metadata)) for f in dataclasses.fields(Preprocessing)
+            if (not include or f.name in include) and f.name not in exclude]

@@ -17,12 +17,12 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from samadapt.data.formats import WRITABLE_SUFFIXES
 from samadapt.errors import UserError, one_line
-from samadapt.runs import atomic_path
+from samadapt.io import atomic_path
 
 GEOMETRY_TOLERANCE_MM = 1e-3
 # Writers that keep everything in one file, so a temp-name-then-rename write is atomic.
-WRITABLE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
 _decodes = 0
 
 

@@ -19,9 +19,9 @@ from safetensors.torch import save_file
 from segment_anything.modeling import Sam
 
 from samadapt.errors import UserError, one_line
+from samadapt.io import atomic_path
 from samadapt.models.registry import ARCHS, VIT_SPECS, build_sam, check_arch, native_image_size
 from samadapt.models.resize import resize_state_dict, stored_image_size
-from samadapt.runs import atomic_path
 
 TORCH_SUFFIXES = (".pth", ".pt")
 SAFETENSORS_SUFFIX = ".safetensors"

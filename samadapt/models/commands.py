@@ -52,10 +52,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def run_info(args: argparse.Namespace) -> int:
     """Print what a checkpoint holds; exit 0, or UserError if unreadable or not ``arch=``."""
+    from samadapt.io import sha256_file
     from samadapt.models.checkpoints import (
-        check_checkpoint_arch, checkpoint_image_size, detect_arch, read_checkpoint,
+        check_checkpoint_arch,
+        checkpoint_image_size,
+        detect_arch,
+        read_checkpoint,
     )
-    from samadapt.runs import sha256_file
 
     keys = parse_config(InfoKeys, None, args.overrides)
     path = Path(args.file)
@@ -82,8 +85,14 @@ def run_info(args: argparse.Namespace) -> int:
 def run_convert(args: argparse.Namespace) -> int:
     """Load ``input`` strictly (checks it fully), write ``output`` in the format its suffix names."""
     from samadapt.models.checkpoints import (
-        SAFETENSORS_SUFFIX, TORCH_SUFFIXES, checkpoint_image_size, load_sam, read_checkpoint, require_arch,
-        save_sam_checkpoint, save_sam_safetensors,
+        SAFETENSORS_SUFFIX,
+        TORCH_SUFFIXES,
+        checkpoint_image_size,
+        load_sam,
+        read_checkpoint,
+        require_arch,
+        save_sam_checkpoint,
+        save_sam_safetensors,
     )
     from samadapt.models.registry import native_image_size
 

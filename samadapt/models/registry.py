@@ -17,6 +17,7 @@ import torch
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
 from samadapt.errors import UserError
+from samadapt.keys import ARCHS
 from samadapt.models.attention import use_chunked_global_attention
 
 PATCH_SIZE = 16
@@ -42,7 +43,6 @@ VIT_SPECS: dict[str, ViTSpec] = {
     # A small SAM for tests and the CPU demo: same classes, ~1/30 of vit_b's encoder compute.
     "vit_tiny": ViTSpec(192, 4, 3, (1, 3), window_size=8, native_image_size=256),
 }
-ARCHS: tuple[str, ...] = ("vit_b", "vit_l", "vit_h", "vit_t", "vit_tiny")
 
 
 def native_image_size(arch: str) -> int:

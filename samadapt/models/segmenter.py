@@ -1,7 +1,7 @@
 """SAM as a K-class segmenter: automatic (no prompt) class masks, or SAM's own box/point decoding.
 
 ``SamSegmenter.sam`` is the SAM model in the official key layout; everything outside ``sam.`` (the
-``class_head`` of the automatic mode) is new and always trained (see :mod:`samadapt.finetune.strategies`).
+``class_head`` of the automatic mode) is new and always trained (see :mod:`samadapt.models.strategies`).
 
 Outputs and loss convention (MONAI ``DiceCELoss``), decided by the mode so the stage needs no branches:
 
@@ -29,10 +29,10 @@ from segment_anything.modeling import MaskDecoder
 from torch import nn
 
 from samadapt.errors import UserError
-from samadapt.finetune.prompts import Prompts
+from samadapt.keys import PROMPT_MODES
 from samadapt.models.forward import encode_images
+from samadapt.models.prompts import Prompts
 
-PROMPT_MODES: tuple[str, ...] = ("none", "box", "point")
 # Logit of a class that got no prompt: sigmoid → 0 (even in fp16), so it never wins a pixel.
 ABSENT_LOGIT = -1e4
 
@@ -115,7 +115,7 @@ class SamSegmenter(nn.Module):
         if self.prompt == "none":
             low_res = self._decode_automatic(embeddings)
         elif prompts is None:
-            raise ValueError(f"prompt={self.prompt} needs prompts (see samadapt.finetune.prompts)")
+            raise ValueError(f"prompt={self.prompt} needs prompts (see samadapt.models.prompts)")
         else:
             low_res = self._decode_prompted(embeddings, prompts)
         return F.interpolate(low_res, self.sam.prompt_encoder.input_image_size, mode="bilinear", align_corners=False)

@@ -6,9 +6,7 @@ see the same preprocessing, padding and plane as training.
 
 from __future__ import annotations
 
-import os
-import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -16,27 +14,31 @@ import torch
 
 from samadapt.data import Case, Preprocessing, VolumeSlices, to_sam_input
 from samadapt.errors import UserError
-from samadapt.finetune.loading import load_finetune_output, preprocessing_of
-from samadapt.finetune.prompts import prompts_from_labels
-from samadapt.finetune.segmenter import SamSegmenter
-from samadapt.keys import preprocessing
+from samadapt.keys import PromptKeys, preprocessing
 from samadapt.models.checkpoints import load_sam
+from samadapt.models.finetuned import load_finetune_output
+from samadapt.models.prompts import prompts_from_labels
+from samadapt.models.segmenter import SamSegmenter
+from samadapt.seeds import derived_seed
 
 
 @dataclass(frozen=True)
 class PromptSettings:
-    """How prompts are derived from the reference labels (prompted modes only)."""
+    """Which prompts inference draws from the reference labels: ``mode`` none (automatic), box or point,
+    drawn as ``keys`` say, seeded per batch from ``seed``."""
 
-    mode: str = "none"
-    box_jitter: float = 0.0
-    num_points: int = 1
-    num_negative: int = 0
+    mode: str
+    keys: PromptKeys = field(default_factory=PromptKeys)
     seed: int = 0
 
 
-def batch_generator(seed: int, key: str) -> torch.Generator:
-    """A generator fixed by (seed, key): prompts for a batch do not depend on what ran before it."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(key.encode()))
+AUTOMATIC = PromptSettings("none")
+
+
+def prompt_generator(seed: int, *batch: object) -> torch.Generator:
+    """A generator fixed by the seed and the batch's identity: a batch's prompts do not depend on what ran
+    before it (a resumed run, another process, another batch size upstream draw the same)."""
+    return torch.Generator().manual_seed(derived_seed(seed, "prompts", *batch))
 
 
 @torch.no_grad()
@@ -55,10 +57,11 @@ def predict_slices(model, slices: VolumeSlices, batch_size: int, prompts: Prompt
         if prompts.mode != "none":
             if labels is None:
                 raise ValueError("prompted inference needs reference labels to derive prompts from")
-            rng = batch_generator(prompts.seed, f"{slices.image_path}:{start}")
+            rng = prompt_generator(prompts.seed, slices.image_path, start)
             batch_prompts = prompts_from_labels(prompts.mode, torch.from_numpy(labels), model.num_classes, rng,
-                                                box_jitter=prompts.box_jitter, num_positive=prompts.num_points,
-                                                num_negative=prompts.num_negative).to(device)
+                                                box_jitter=prompts.keys.box_jitter,
+                                                num_positive=prompts.keys.num_points,
+                                                num_negative=prompts.keys.num_negative).to(device)
         logits = model(x, batch_prompts)
         present = None if batch_prompts is None else batch_prompts.present
         if probabilities:
@@ -95,15 +98,15 @@ def load_model(config, prompt: str | None = None, default_num_classes: int | Non
     ``config.num_classes`` or else ``default_num_classes``)."""
     path = Path(config.model)
     if path.is_dir():
-        model, record = load_finetune_output(path)
-        trained = record["config"]
-        chosen = prompt or trained["prompt"]
-        if (chosen == "none") != (trained["prompt"] == "none"):
-            raise UserError(f"prompt={chosen} but {path} was trained with prompt={trained['prompt']} — "
+        loaded = load_finetune_output(path)
+        trained = loaded.keys.prompt
+        chosen = prompt or trained
+        if (chosen == "none") != (trained == "none"):
+            raise UserError(f"prompt={chosen} but {path} was trained with prompt={trained} — "
                             "automatic (none) and prompted (box/point) models are different heads")
-        model.prompt = chosen
-        modalities = record["metrics"].get("train_modalities", [])
-        return LoadedModel(model, preprocessing_of(trained), trained["num_classes"], chosen, modalities)
+        loaded.model.prompt = chosen
+        modalities = (loaded.record.get("metrics") or {}).get("train_modalities", [])
+        return LoadedModel(loaded.model, loaded.prep, loaded.keys.num_classes, chosen, modalities)
     if not path.is_file():
         raise UserError(f"{path}: model not found — pass a finetune output folder or a SAM checkpoint")
     if prompt in (None, "none"):
@@ -114,13 +117,3 @@ def load_model(config, prompt: str | None = None, default_num_classes: int | Non
     sam = load_sam(config.arch, path, image_size=config.image_size)
     model = SamSegmenter(sam, num_classes, prompt).eval()
     return LoadedModel(model, preprocessing(config), num_classes, prompt, [])
-
-
-def output_name(image: str | os.PathLike, case_id: str | None = None) -> str:
-    """Prediction file name in the input's format (DICOM series and unknown formats → NIfTI)."""
-    image = Path(image)
-    for suffix in (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd"):
-        if image.name.endswith(suffix):
-            stem = case_id or image.name[: -len(suffix)]
-            return stem + (".mha" if suffix == ".mhd" else suffix)
-    return (case_id or image.name) + ".nii.gz"

@@ -1,9 +1,9 @@
 """Evaluation reports: nnU-Net-like ``summary.json`` content, per-case CSV, overlay PNGs, run comparison.
 
-Everything here works on metric dicts from ``samadapt.evaluate.metrics.case_metrics`` and on arrays;
+Everything here works on metric dicts from ``samadapt.metrics.case_metrics`` and on arrays;
 no model code. Label keys are strings (``"1"``), as in nnU-Net's ``summary.json``. NaN marks an
 undefined score (both masks empty, or HD95 with one mask empty): it is left out of means and counted in
-``n_nan``; ``samadapt.runs.write_json`` writes it as ``null`` and the CSVs leave the cell empty.
+``n_nan``; ``samadapt.io.write_json`` writes it as ``null`` and the CSVs leave the cell empty.
 """
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
+from samadapt.data.formats import volume_stem
 from samadapt.errors import UserError
-from samadapt.evaluate.metrics import COUNTS, SCORES
-from samadapt.runs import atomic_path, write_text
+from samadapt.io import atomic_path, write_text
+from samadapt.metrics import COUNTS, SCORES
 
 SUMMARY = "summary.json"
 FOREGROUND = "foreground"
@@ -69,11 +70,8 @@ def case_id(case: Mapping[str, Any]) -> str:
     (``sub-01.nii.gz`` → ``sub-01``)."""
     if case.get("case_id"):
         return str(case["case_id"])
-    name = Path(str(case["reference_file"])).name
-    for extension in (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".npy"):
-        if name.endswith(extension):
-            return name[: -len(extension)]
-    return name
+    name = volume_stem(str(case["reference_file"]))
+    return name[: -len(".npy")] if name.endswith(".npy") else name
 
 
 def write_per_case_csv(summary: Mapping[str, Any], path: str | Path,

@@ -10,7 +10,7 @@ and box/point prompts keep SAM's pretrained prompt geometry.
 - ``lora``: peft LoRA on the part's Linear layers chosen by ``lora.targets`` (encoder: in the blocks
   chosen by ``lora.blocks``). ``.sam`` is wrapped by ``peft.get_peft_model`` (one ``LoraConfig`` for
   both parts), so ``out/adapter/`` loads with ``PeftModel.from_pretrained`` onto a plain SAM.
-- ``adapter``: bottleneck adapters after every block (see :mod:`samadapt.finetune.adapters`).
+- ``adapter``: bottleneck adapters after every block (see :mod:`samadapt.models.adapters`).
 
 Saved weights: ``out/adapter/`` (peft format, LoRA only) and ``out/trainable.safetensors`` (every other
 trained tensor under its plain model key, e.g. ``sam.mask_decoder.…``, ``class_head.…``).
@@ -18,26 +18,15 @@ trained tensor under its plain model key, e.g. ``sam.mask_decoder.…``, ``class
 
 from __future__ import annotations
 
-import copy
-import json
-import os
 import re
-import shutil
-from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
-from safetensors.torch import load_file, save_file
-from segment_anything.modeling import Sam
+from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
 from samadapt.errors import UserError
-from samadapt.finetune.config import STRATEGIES, AdapterKeys, LoraKeys, StrategyKeys, target_tokens
-from samadapt.finetune.adapters import ADAPTERS_ATTR, add_bottleneck_adapters, encoder_blocks
-from samadapt.runs import atomic_path, ensure_writable_dir, temporary_name
-
-ADAPTER_DIR = "adapter"
-TRAINABLE_FILE = "trainable.safetensors"
+from samadapt.keys import STRATEGIES, AdapterKeys, LoraKeys, target_tokens
+from samadapt.models.adapters import ADAPTERS_ATTR, add_bottleneck_adapters, encoder_blocks
 
 # Shorthand targets → regex fullmatched against the end of a Linear's name (after a dot).
 # Encoder names are relative to a block (ViT: attn.qkv, mlp.lin1; TinyViT: attn.qkv, mlp.fc1);
@@ -188,108 +177,10 @@ def parameter_summary_line(summary: dict) -> str:
     return f"trainable {_count(summary['trainable'])} / {_count(summary['total'])} ({shown}%)"
 
 
-def _trained_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+def trained_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every trainable non-LoRA parameter under its plain key (full parts, adapters, new heads)."""
     return {
         plain_key(name): param.detach().contiguous()
         for name, param in model.named_parameters()
         if param.requires_grad and not is_lora_param(name)
     }
-
-
-def _replace_dir(tmp: Path, dest: Path) -> None:
-    """Move the finished folder ``tmp`` to ``dest``, replacing an older ``dest`` (renames only)."""
-    old = None
-    if dest.exists():
-        old = temporary_name(dest)
-        os.replace(dest, old)
-    os.replace(tmp, dest)
-    if old is not None:
-        shutil.rmtree(old)
-
-
-def save_finetuned(model: nn.Module, out_dir: str | os.PathLike) -> dict[str, Path]:
-    """Write ``out_dir/adapter/`` (peft ``save_pretrained``; only with LoRA) and ``out_dir/trainable.safetensors``.
-
-    Both are written under temporary names and renamed into place. Returns the written paths by name.
-    """
-    out_dir = ensure_writable_dir(out_dir)
-    written: dict[str, Path] = {}
-    if isinstance(model.sam, PeftModel):
-        tmp = temporary_name(out_dir / ADAPTER_DIR)
-        tmp.mkdir()
-        try:
-            model.sam.save_pretrained(tmp)
-            _replace_dir(tmp, out_dir / ADAPTER_DIR)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        written["adapter"] = out_dir / ADAPTER_DIR
-    else:  # an adapter folder of an earlier run in this folder would be read as part of this model
-        shutil.rmtree(out_dir / ADAPTER_DIR, ignore_errors=True)
-    with atomic_path(out_dir / TRAINABLE_FILE) as tmp_file:
-        save_file(_trained_tensors(model), str(tmp_file), metadata={"format": "samadapt-trainable"})
-    written["trainable"] = out_dir / TRAINABLE_FILE
-    return written
-
-
-def load_finetuned(base_model: nn.Module, out_dir: str | os.PathLike, strategy: StrategyKeys) -> nn.Module:
-    """Apply ``strategy`` to a freshly built ``base_model`` (same base weights as in training) and load
-    ``out_dir/adapter/`` and ``out_dir/trainable.safetensors`` into it. Returns the model."""
-    out_dir = Path(out_dir)
-    model = apply_strategy(base_model, strategy.encoder, strategy.decoder, strategy.lora, strategy.adapter)
-    if isinstance(model.sam, PeftModel):
-        _load_lora(model.sam, out_dir / ADAPTER_DIR)
-    path = out_dir / TRAINABLE_FILE
-    if not path.is_file():
-        raise UserError(f"{path}: missing — is {out_dir} a finished finetune output?")
-    tensors = load_file(str(path))
-    params = {plain_key(name): param for name, param in model.named_parameters() if not is_lora_param(name)}
-    expected = set(_trained_tensors(model))
-    if set(tensors) != expected:
-        extra, missing = sorted(set(tensors) - expected), sorted(expected - set(tensors))
-        raise UserError(
-            f"{path}: tensors do not fit encoder={strategy.encoder} decoder={strategy.decoder} "
-            f"(unexpected {extra[:3]}, missing {missing[:3]}) — use the strategy of the training run"
-        )
-    with torch.no_grad():
-        for name, tensor in tensors.items():
-            if params[name].shape != tensor.shape:
-                raise UserError(f"{path}: {name} has shape {tuple(tensor.shape)}, model {tuple(params[name].shape)}"
-                                " — same arch/image_size/num_classes as the training run?")
-            params[name].copy_(tensor)
-    return model
-
-
-def _load_lora(peft_sam: PeftModel, adapter_dir: Path) -> None:
-    config_path, weights_path = adapter_dir / "adapter_config.json", adapter_dir / "adapter_model.safetensors"
-    if not (config_path.is_file() and weights_path.is_file()):
-        raise UserError(f"{adapter_dir}: no peft adapter_config.json + adapter_model.safetensors — trained without LoRA?")
-    saved = json.loads(config_path.read_text(encoding="utf-8"))
-    config = peft_sam.peft_config["default"]
-    for field in ("r", "lora_alpha", "target_modules"):
-        if saved.get(field) != getattr(config, field):
-            raise UserError(
-                f"{config_path}: {field}={saved.get(field)!r} but the strategy gives {getattr(config, field)!r} "
-                "— use the lora.* keys of the training run"
-            )
-    weights = load_file(str(weights_path))
-    expected = set(get_peft_model_state_dict(peft_sam))
-    if set(weights) != expected:
-        raise UserError(f"{weights_path}: LoRA tensors do not match the strategy's layers — wrong arch or lora.*?")
-    set_peft_model_state_dict(peft_sam, weights)
-
-
-def merge_into_sam(model: nn.Module) -> Sam:
-    """A plain ``Sam`` (official keys and shapes) with LoRA merged into its weights and full parts included.
-
-    ``model`` is left unchanged. Refused when trained modules outside ``sam.`` exist (bottleneck adapters,
-    class heads/tokens): plain SAM weights cannot hold them.
-    """
-    extra = sorted({name.split(".")[0] for name, _ in model.named_parameters() if not name.startswith("sam.")})
-    if extra:
-        raise UserError(
-            f"export_merged: the model has modules a plain SAM checkpoint cannot hold ({', '.join(extra)}) — "
-            f"set export_merged=false and load {ADAPTER_DIR}/ + {TRAINABLE_FILE} instead"
-        )
-    sam = copy.deepcopy(model.sam)
-    return sam.merge_and_unload() if isinstance(sam, PeftModel) else sam

@@ -1,179 +1,47 @@
-"""Run folders: atomic writes, content hashes and the ``stage_output.json`` contract.
+"""The stage record: ``stage_output.json``, input hashes, the resume/force policy and the folder rules.
 
-Every artifact is written to a temporary name in its final folder and renamed into place, so an
-interrupted run leaves either the previous complete file or none. ``stage_output.json`` is written
-last: a stage folder without it is incomplete.
+Every stage folder ends with ``stage_output.json``, written last and atomically; a folder without it is
+incomplete. ``run_config.json`` (written first) records the config and inputs that the training states in
+``state/step_<N>/`` belong to. A stage claims its ``out=`` before it changes anything there: it refuses a folder
+that is an input of the run or holds one, another stage's output or a folder of files samadapt did not write, and
+it holds the folder's lock while it runs. It then deletes only what it can prove it wrote: its old record, its
+own training states when the config changed, and temporaries of exactly samadapt's naming.
 """
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import hashlib
 import json
 import os
 import platform
-import re
-import secrets
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from samadapt.errors import UserError
+from samadapt.io import ensure_writable_dir, is_temporary, read_json, sha256_file, sha256_files, write_json
+from samadapt.stages import STAGES, STATE_DIR
 
 STAGE_OUTPUT = "stage_output.json"
 RUN_CONFIG = "run_config.json"
+PROGRESS_FILE = "progress.json"  # inside each state/step_<N>/: the step and the stateful objects
+LOCK_FILE = ".samadapt.lock"
 
 
-# Every temporary samadapt writes is named ``.<final name>.<8 hex or "shared">.samadapt-tmp<final suffixes>``
-# (the suffixes stay last: nibabel and SimpleITK choose the format by them). Stale-temporary cleanup deletes
-# only names of exactly this shape, so it never touches a user's own ``.tmp`` files.
-TEMPORARY_MARK = ".samadapt-tmp"
-_TEMPORARY = re.compile(r"\..+\.(?:[0-9a-f]{8}|shared)" + re.escape(TEMPORARY_MARK) + r"(?:\.[^.]+)*")
+def state_folder(out: str | os.PathLike, step: int) -> Path:
+    """``out/state/step_<step>/``: one resumable training state."""
+    return Path(out) / STATE_DIR / f"step_{step}"
 
 
-def temporary_name(final: str | os.PathLike, shared: bool = False) -> Path:
-    """A temporary path beside ``final`` that stale-temporary cleanup recognises as samadapt's own.
-
-    ``shared``: the same name in every process (a folder several ranks write into, e.g. a training state)."""
-    final = Path(final)
-    token = "shared" if shared else secrets.token_hex(4)
-    return final.parent / f".{final.name}.{token}{TEMPORARY_MARK}{''.join(final.suffixes)}"
-
-
-def is_temporary(name: str) -> bool:
-    """Whether ``name`` (a file or folder name) is one of :func:`temporary_name`'s."""
-    return _TEMPORARY.fullmatch(name) is not None
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success rename it to ``path``, else delete it.
-
-    Use for writers that take a file name (torch.save, nibabel, SimpleITK, safetensors)."""
-    path = Path(path)
-    ensure_writable_dir(path.parent)
-    tmp_path = temporary_name(path)
-    # O_EXCL: the random name is never someone else's file; the usual mode of a new file (umask applies)
-    os.close(os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-    try:
-        yield tmp_path
-        os.replace(tmp_path, path)
-    except BaseException as exc:
-        tmp_path.unlink(missing_ok=True)
-        failed = failed_write(exc, path)
-        if failed is not None:
-            raise failed from exc
-        raise
-
-
-# Writers in C++/Rust report a failed write (disk full, quota, file size limit) as their own exception types:
-# safetensors as "... I/O error: File too large (os error 27)", torch.save's zip writer without the errno.
-_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
-_TORCH_WRITE_FAILED = ("PytorchStreamWriter failed writing", "unexpected pos")
-
-
-def failed_write(exc: BaseException, path: Path) -> OSError | None:
-    """An OSError naming ``path`` for a writer's failed write (the CLI prints it as one line), else None."""
-    if isinstance(exc, OSError):
-        # A failed write() carries no file name; the temp name would mean nothing to the user.
-        return OSError(exc.errno, exc.strerror, str(path)) if exc.filename is None and exc.errno else None
-    if not isinstance(exc, Exception):
-        return None
-    message = str(exc)
-    if match := _RUST_OS_ERROR.search(message):
-        code = int(match.group(1))
-        return OSError(code, os.strerror(code), str(path))
-    if any(signature in message for signature in _TORCH_WRITE_FAILED):
-        return OSError(errno.EIO, "write failed — disk full or file size limit reached?", str(path))
-    return None
-
-
-def write_text(path: str | os.PathLike, text: str) -> Path:
-    """Atomically write ``text`` to ``path``."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-    return Path(path)
-
-
-def write_json(path: str | os.PathLike, obj: Any) -> Path:
-    """Atomically write ``obj`` as indented JSON (NaN written as null, so any JSON reader copes)."""
-    return write_text(path, json.dumps(_nan_to_none(obj), indent=2, sort_keys=False) + "\n")
-
-
-def _nan_to_none(obj: Any) -> Any:
-    if isinstance(obj, float) and obj != obj:
-        return None
-    if isinstance(obj, dict):
-        return {k: _nan_to_none(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_nan_to_none(v) for v in obj]
-    return obj
-
-
-def read_json(path: str | os.PathLike, what: str) -> Any:
-    """Parse a JSON file, or raise a one-line UserError naming ``path`` and what it should have been."""
-    path = Path(path)
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"{path}: {what} not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        where = f" ({exc.msg} at line {exc.lineno})" if isinstance(exc, json.JSONDecodeError) else ""
-        raise UserError(f"{path}: not a valid {what}{where}") from None
-
-
-def ensure_writable_dir(path: str | os.PathLike) -> Path:
-    """Create ``path`` (and parents) or raise a one-line UserError saying why it cannot be used."""
-    path = Path(path)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"{path}: cannot create output folder ({exc.strerror})") from None
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise UserError(f"{path}: output folder is not writable — choose another out=")
-    return path
-
-
-# sha256 of regular files by (path, size, mtime): the pipeline runner checks a stage's inputs, then the stage
-# hashes them again; a multi-GB SAM checkpoint is read once per process.
-_FILE_HASHES: dict[tuple[str, int, int], str] = {}
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file's bytes; for a folder, of its files' relative names and contents — for a stage
-    folder only of ``stage_output.json`` and the artifacts it lists (training states can be gigabytes)."""
-    path = Path(path)
-    if path.is_file():
-        stat = path.stat()
-        memo = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-        if memo not in _FILE_HASHES:
-            _FILE_HASHES[memo] = _sha256(path, chunk)
-        return _FILE_HASHES[memo]
-    return _sha256(path, chunk)
-
-
-def _sha256(path: Path, chunk: int) -> str:
-    digest = hashlib.sha256()
-    files = sorted(_files_to_hash(path)) if path.is_dir() else [path]
-    for file in files:
-        if path.is_dir():
-            digest.update(str(file.relative_to(path)).encode())
-        with open(file, "rb") as handle:
-            while block := handle.read(chunk):
-                digest.update(block)
-    return digest.hexdigest()
-
-
-def _files_to_hash(folder: Path) -> list[Path]:
-    record = folder / STAGE_OUTPUT
-    if not record.is_file():
-        return [p for p in folder.rglob("*") if p.is_file()]
-    listed = [folder / name for name in json.loads(record.read_text(encoding="utf-8")).get("artifacts", {}).values()]
-    return [record, *(p for entry in listed for p in ([entry] if entry.is_file() else entry.rglob("*"))
-                      if p.is_file())]
+def saved_states(out: str | os.PathLike) -> list[Path]:
+    """Complete training states of the stage folder ``out`` (renamed into place), oldest first."""
+    root = Path(out) / STATE_DIR
+    if not root.is_dir():
+        return []
+    states = [p for p in root.glob("step_*") if (p / PROGRESS_FILE).is_file() and p.name[5:].isdigit()]
+    return sorted(states, key=lambda p: int(p.name[5:]))
 
 
 REPRODUCIBILITY_PACKAGES = ("torch", "torchvision", "segment-anything", "mobilesam-mirror", "timm", "lightly",
@@ -204,13 +72,12 @@ def write_stage_output(out_dir: str | os.PathLike, record: dict[str, Any]) -> Pa
 
 def read_stage_output(stage_dir: str | os.PathLike) -> dict[str, Any]:
     """Read a finished stage's record, or raise a UserError naming what is missing."""
-    path = Path(stage_dir) / STAGE_OUTPUT
-    if not path.is_file():
+    if not (Path(stage_dir) / STAGE_OUTPUT).is_file():
         raise UserError(f"{stage_dir}: no {STAGE_OUTPUT} — the stage did not finish (rerun it to resume)")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    record = read_json(Path(stage_dir) / STAGE_OUTPUT, "stage record")
+    if not isinstance(record, dict):
+        raise UserError(f"{Path(stage_dir) / STAGE_OUTPUT}: not a stage record (expected a JSON object)")
+    return record
 
 
 @dataclass
@@ -222,9 +89,6 @@ class StageOutput:
     artifacts: dict[str, str]
     metrics: dict[str, Any]
     ok: bool = True
-
-
-LOCK_FILE = ".samadapt.lock"
 
 
 @dataclass
@@ -264,9 +128,9 @@ def begin_stage(stage: str, config: Any, **input_paths: str | os.PathLike | None
     current = {"stage": stage, "config": to_dict(config), "inputs": inputs}
     previous_path = out / RUN_CONFIG
     if previous_path.is_file() and _without_stage(read_json(previous_path, "run record")) != _without_stage(current):
-        if (out / "state").is_dir():
+        if (out / STATE_DIR).is_dir():
             print(f"{out}: config or inputs changed since the saved training states — starting over")
-            shutil.rmtree(out / "state", ignore_errors=True)  # other processes may race here
+            discard_states(out)
     write_json(previous_path, current)
     return StageRun(started=time.time(), inputs=inputs, lock=lock)
 
@@ -367,12 +231,18 @@ def input_record(**paths: str | os.PathLike | None) -> dict[str, dict[str, Any] 
 
 def describe_input(path: str | os.PathLike) -> dict[str, Any]:
     """``{"path", "sha256"}`` of an input. A manifest's sha256 covers the volumes it lists too (an image
-    edited in place is a changed input), whose own hashes are kept under ``"files"`` (resolved path → sha256)."""
-    from samadapt.data.manifest import MANIFEST_SUFFIXES, load_manifest
+    edited in place is a changed input), whose own hashes are kept under ``"files"`` (resolved path → sha256).
+    A stage folder's covers its record and every artifact its stage writes (see :func:`stage_folder_files`)."""
+    from samadapt.data.formats import MANIFEST_SUFFIXES
+    from samadapt.data.manifest import load_manifest
 
     path = Path(path)
+    if path.is_dir():
+        files = stage_folder_files(path)
+        own = sha256_files(files, path) if files is not None else sha256_file(path)
+        return {"path": str(path), "sha256": own}
     own = sha256_file(path)
-    if not (path.is_file() and path.name.endswith(MANIFEST_SUFFIXES)):
+    if not path.name.endswith(MANIFEST_SUFFIXES):
         return {"path": str(path), "sha256": own}
 
     files = {str(f): sha256_file(f) for case in load_manifest(path) for f in (case.image, case.label) if f}
@@ -382,10 +252,49 @@ def describe_input(path: str | os.PathLike) -> dict[str, Any]:
     return {"path": str(path), "sha256": digest.hexdigest(), "files": files}
 
 
+def stage_folder_files(folder: Path) -> list[Path] | None:
+    """The files that make a finished stage folder what it is: its record and every artifact its stage writes
+    (from the registry, not from the record's own list, so e.g. a finetune's base weights count), sorted.
+    Training states are left out (gigabytes, and not what a downstream stage reads). None: not a stage folder."""
+    record = folder / STAGE_OUTPUT
+    if not record.is_file():
+        return None
+    spec = STAGES.get(recorded_stage(folder) or "")
+    names = set(spec.artifacts.values()) if spec else set()
+    listed = read_json(record, "stage record").get("artifacts", {})
+    names |= set(listed.values()) if isinstance(listed, dict) else set()
+    entries = [folder / name for name in sorted(names)]
+    return [record, *(p for entry in entries if entry.exists()
+                      for p in ([entry] if entry.is_file() else sorted(entry.rglob("*"))) if p.is_file())]
+
+
 def inputs_unchanged(inputs: dict[str, dict[str, Any] | None]) -> bool:
     """Whether every recorded input still exists with the recorded sha256."""
     return all(entry is None or (Path(entry["path"]).exists() and describe_input(entry["path"])["sha256"] == entry["sha256"])
                for entry in inputs.values())
+
+
+def discard_states(out: Path) -> None:
+    """Drop ``out``'s training states: the next run starts over (``--force``, or a changed config)."""
+    shutil.rmtree(out / STATE_DIR, ignore_errors=True)  # other processes may race here
+
+
+def stage_status(stage: str, config: Any) -> str:
+    """``up to date`` (same config and input hashes as the finished record), ``resume`` (training states
+    written with the same config and inputs) or ``run``."""
+    from samadapt.config import to_dict
+
+    out = Path(config.out)
+    current = to_dict(config)
+    for name, status in ((STAGE_OUTPUT, "up to date"), (RUN_CONFIG, "resume")):
+        path = out / name
+        if status == "resume" and not saved_states(out):
+            break
+        if path.is_file() and recorded_stage(out) in (stage, None):
+            record = read_json(path, "stage record")
+            if record.get("config") == current and inputs_unchanged(record.get("inputs", {})):
+                return status
+    return "run"
 
 
 def finish_stage(stage: str, config: Any, run: StageRun, artifacts: dict[str, str | os.PathLike],
