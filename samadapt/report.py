@@ -23,8 +23,9 @@ from samadapt.data.formats import volume_stem
 from samadapt.errors import UserError
 from samadapt.io import atomic_path, write_text
 from samadapt.metrics import COUNTS, SCORES
+from samadapt.stages import STAGES
 
-SUMMARY = "summary.json"
+SUMMARY = STAGES["evaluate"].artifacts["summary"]
 FOREGROUND = "foreground"
 OVERLAY_DPI = 100
 OVERLAY_PANEL_INCHES = 3.0  # each slice panel is 300 x 330 px (the extra 10% holds title and legend)

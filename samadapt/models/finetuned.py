@@ -31,7 +31,7 @@ from samadapt.keys import SegmenterKeys, StrategyKeys
 from samadapt.models.checkpoints import load_sam
 from samadapt.models.segmenter import SamSegmenter
 from samadapt.models.strategies import apply_strategy, is_lora_param, plain_key, trained_tensors
-from samadapt.stage_record import read_stage_output
+from samadapt.stage_record import STAGE_OUTPUT, read_stage_output
 from samadapt.stages import STAGES
 
 FINETUNE = STAGES["finetune"]  # where a finetune folder keeps what (the registry spells the names)
@@ -170,7 +170,7 @@ def load_finetune_output(model_dir: str | Path) -> FinetunedModel:
     if record.get("stage") != "finetune":
         raise UserError(f"{model_dir}: a {record.get('stage')} output, not a finetune output — "
                         "pass a finetune folder or a SAM checkpoint as model=")
-    source = model_dir / "stage_output.json"
+    source = model_dir / STAGE_OUTPUT
     keys = from_record(SegmenterKeys, record.get("config"), source)
     prep = from_record(Preprocessing, record.get("config"), source)
     sam = load_sam(keys.arch, base_checkpoint(model_dir, record), image_size=keys.image_size)
