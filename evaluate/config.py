@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from samadapt.config import key, required, with_defaults
-from samadapt.keys import ArchKeys, BatchKeys, DataKeys, PromptKeys, PromptMode, SeedKeys
+from samadapt.keys import ArchKeys, BatchKeys, DataKeys, PromptKeys, PromptMode, SeedKeys, preprocessing
 
 
 @dataclass(kw_only=True)
@@ -18,10 +18,13 @@ class InferenceKeys(ArchKeys, DataKeys, SeedKeys, with_defaults(BatchKeys, batch
     model: str = required("finetune output folder, or a SAM checkpoint (.pth/.safetensors) for zero-shot")
     out: Path = required("output folder")
     num_classes: int | None = key(
-        None, "checkpoint models only: classes incl. background (none = from the manifest's labels.json)")
+        None, "checkpoint models only: classes incl. background (none = from the manifest's labels.json)", bounds="[2, 256]")
 
     def __post_init__(self) -> None:
-        self.check_batch_size()
+        preprocessing(self)  # its own checks (e.g. the window) before any work, not at the first slice
+        if self.plane == "all":
+            raise ValueError("plane=all is for pretraining; a model segments one plane — use the plane it was "
+                             "trained on (axial, coronal or sagittal)")
 
 
 @dataclass(kw_only=True)
@@ -30,13 +33,9 @@ class EvaluateConfig(InferenceKeys, with_defaults(PromptKeys, box_jitter=0.0)):
     split: str | None = key("test", "manifest split to evaluate; none = all rows")
     prompt: PromptMode | None = key(
         None, "none = automatic; box / point = prompts from the reference labels; none given = as trained")
-    nsd_tolerance_mm: float = key(2.0, "surface tolerance of the NSD in mm")
+    nsd_tolerance_mm: float = key(2.0, "surface tolerance of the NSD in mm", bounds="(0, 1000]")
     overlays: bool = key(True, "write overlays/<case>.png for the worst, median and best case")
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.nsd_tolerance_mm <= 0:
-            raise ValueError(f"nsd_tolerance_mm={self.nsd_tolerance_mm}: must be positive")
 
 
 @dataclass(kw_only=True)

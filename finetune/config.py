@@ -7,7 +7,7 @@ from pathlib import Path
 
 from samadapt.config import group, key, required
 from samadapt.data.augment import AugmentConfig
-from samadapt.keys import DataKeys, PromptKeys, SegmenterKeys, TrainKeys
+from samadapt.keys import DataKeys, PromptKeys, SegmenterKeys, TrainKeys, preprocessing
 
 
 @dataclass(kw_only=True)
@@ -16,22 +16,23 @@ class FinetuneConfig(SegmenterKeys, DataKeys, TrainKeys, PromptKeys):
     out: Path = required("output folder (resumes from out/state/ when rerun)")
     split: str | None = key("train", "manifest split to train on")
     val_split: str | None = key("val", "manifest split for validation (volume Dice); none = no validation")
-    train_cases: int | None = key(None, "few-shot: train on this many labeled volumes (seeded choice)")
+    train_cases: int | None = key(None, "few-shot: train on this many labeled volumes (seeded choice)", bounds="[1, inf)")
     class_weights: str | None = key(None, "comma list of K loss weights, background first (softmax only)")
-    empty_fraction: float = key(0.2, "fraction of slices without foreground that are kept for training")
-    skip_empty: float = key(0.01, "drop background-only slices whose imaged-object fraction is below this")
+    empty_fraction: float = key(0.2, "fraction of slices without foreground that are kept for training", bounds="[0, 1]")
+    skip_empty: float = key(0.01, "drop background-only slices whose imaged-object fraction is below this", bounds="[0, 1)")
     augment: AugmentConfig = group(AugmentConfig, "2D augmentations (MONAI)")
-    val_every: int = key(0, "steps between validations; 0 = once per epoch")
-    patience: int = key(0, "stop after this many validations without a better val Dice; 0 = never")
+    val_every: int = key(0, "steps between validations; 0 = once per epoch", bounds="[0, inf)")
+    patience: int = key(0, "stop after this many validations without a better val Dice; 0 = never", bounds="[0, inf)")
     embedding_cache: bool = key(True, "encoder=frozen: compute image embeddings once and train the decoder on them")
-    embedding_views: int = key(0, "encoder=frozen + cache: augmented views per slice to embed (0 = none)")
+    embedding_views: int = key(0, "encoder=frozen + cache: augmented views per slice to embed (0 = none)", bounds="[0, 64]")
     export_merged: bool = key(False, "also write sam_merged.pth (LoRA merged into plain SAM weights)")
-    eval_batch_size: int = key(8, "slices per forward pass in validation")
+    eval_batch_size: int = key(8, "slices per forward pass in validation", bounds="[1, inf)")
 
     def __post_init__(self) -> None:
-        self.check_training_keys()
-        if self.num_classes < 2:
-            raise ValueError(f"num_classes={self.num_classes}: must be at least 2 (background + one class)")
+        preprocessing(self)  # its own checks (e.g. the window) before any work, not at the first slice
+        if self.plane == "all":
+            raise ValueError("plane=all is for pretraining (SSL on every plane); fine-tuning trains and validates on "
+                             "one plane — set plane=axial, coronal or sagittal")
         if self.class_weights is not None:
             weights = self.class_weights.split(",")
             if len(weights) != self.num_classes:
@@ -49,8 +50,6 @@ class FinetuneConfig(SegmenterKeys, DataKeys, TrainKeys, PromptKeys):
         if self.export_merged and (self.prompt == "none" or "adapter" in (self.encoder, self.decoder)):
             raise ValueError("export_merged=true needs prompt=box|point and no adapters — plain SAM weights cannot "
                              "hold the automatic mode's class head or bottleneck adapters")
-        if self.train_cases is not None and self.train_cases < 1:
-            raise ValueError(f"train_cases={self.train_cases}: must be at least 1")
 
     @property
     def class_weight_values(self) -> list[float] | None:

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Literal
 
 from samadapt.config import key, required, with_defaults
-from samadapt.keys import DataKeys, ModelKeys, TrainKeys
+from samadapt.keys import DataKeys, ModelKeys, TrainKeys, preprocessing
 
 Variant = Literal["drop", "mask_token"]
 
@@ -16,20 +16,16 @@ Variant = Literal["drop", "mask_token"]
 class PretrainConfig(ModelKeys, with_defaults(DataKeys, plane="all"), with_defaults(TrainKeys, lr=1.5e-4, warmup_steps=50)):
     data: str = required("unlabeled manifest (.jsonl/.csv) or a packaged one such as demo:ssl")
     out: Path = required("output folder (resumes from out/state/ when rerun)")
-    mask_ratio: float = key(0.75, "fraction of the image masked (rounded to whole mask units)")
+    mask_ratio: float = key(0.75, "fraction of the image masked (rounded to whole mask units)", bounds="(0, 1)")
     variant: Variant = key(
         "drop", "drop = encoder skips masked windows (MAE, faster); mask_token = SimMIM-style full grid"
     )
-    decoder_dim: int = key(256, "width of the light MAE decoder (discarded at export)")
-    decoder_depth: int = key(2, "transformer blocks in the MAE decoder")
+    decoder_dim: int = key(256, "width of the light MAE decoder (discarded at export)", bounds="[8, 4096]")
+    decoder_depth: int = key(2, "transformer blocks in the MAE decoder", bounds="[1, 64]")
     norm_pix_loss: bool = key(True, "normalise each target patch by its mean and std (MAE)")
-    layer_decay: float = key(1.0, "layer-wise lr decay for encoder blocks (1.0 = none, 0.75 typical)")
-    skip_empty: float = key(0.05, "skip slices whose foreground fraction is below this (0 = keep all)")
-    preview_every: int = key(100, "steps between reconstruction previews in out/previews/ (0 = never)")
+    layer_decay: float = key(1.0, "layer-wise lr decay for encoder blocks (1.0 = none, 0.75 typical)", bounds="(0, 1]")
+    skip_empty: float = key(0.05, "skip slices whose foreground fraction is below this (0 = keep all)", bounds="[0, 1)")
+    preview_every: int = key(100, "steps between reconstruction previews in out/previews/ (0 = never)", bounds="[0, inf)")
 
     def __post_init__(self) -> None:
-        self.check_training_keys()
-        if not 0.0 < self.mask_ratio < 1.0:
-            raise ValueError(f"mask_ratio={self.mask_ratio}: must be strictly between 0 and 1")
-        if not 0.0 < self.layer_decay <= 1.0:
-            raise ValueError(f"layer_decay={self.layer_decay}: must be in (0, 1]")
+        preprocessing(self)  # its own checks (e.g. the window) before any work, not at the first slice

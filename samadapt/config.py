@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
 from pathlib import Path
@@ -30,14 +32,42 @@ COMMON_NAMES = {"learning_rate": "lr", "epochs": "steps", "max_steps": "steps", 
                 "manifest": "data", "classes": "num_classes"}
 
 
-def required(help: str) -> Any:
+def required(help: str, bounds: str | None = None) -> Any:
     """A field without default: the user must give it (``data=``, ``out=`` ...)."""
-    return dataclasses.field(metadata={"help": help, "required": True})
+    return dataclasses.field(metadata={"help": help, "required": True, "bounds": _interval(bounds)})
 
 
-def key(default: Any, help: str) -> Any:
-    """A field with an immutable default and a one-line help text."""
-    return dataclasses.field(default=default, metadata={"help": help})
+def key(default: Any, help: str, bounds: str | None = None) -> Any:
+    """A field with an immutable default and a one-line help text.
+
+    ``bounds``: the range of a numeric key in interval notation, ``"[1, inf)"``, ``"(0, 1)"``: checked when
+    the config is built, and shown by ``--help``. Every float key must be finite whether or not it has bounds
+    (``nan <= 0`` is False, so a NaN would pass any hand-written positivity check)."""
+    return dataclasses.field(default=default, metadata={"help": help, "bounds": _interval(bounds)})
+
+
+_INTERVAL = re.compile(r"([\[(])\s*(-inf|[-+.\de]+)\s*,\s*(inf|[-+.\de]+)\s*([\])])")
+
+
+def _interval(bounds: str | None) -> str | None:
+    if bounds is not None and not _INTERVAL.fullmatch(bounds):
+        raise ValueError(f"bounds {bounds!r}: write an interval like [1, inf) or (0, 1]")  # a bug in a config
+    return bounds
+
+
+def check_bounds(name: str, value: Any, bounds: str | None) -> None:
+    """UserError unless the number ``value`` is finite (floats) and inside ``bounds`` (see :func:`key`)."""
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"{name}={value}: must be a finite number")
+    if bounds is None:
+        return
+    opening, low, high, closing = _INTERVAL.fullmatch(bounds).groups()
+    low_ok = low == "-inf" or (value > float(low) if opening == "(" else value >= float(low))
+    high_ok = high == "inf" or (value < float(high) if closing == ")" else value <= float(high))
+    if not (low_ok and high_ok):
+        raise UserError(f"{name}={value}: must be in {bounds}")
 
 
 def group(cls: type, help: str) -> Any:
@@ -132,6 +162,7 @@ def _build(cls: type, flat: dict[str, Any], prefix: str) -> Any:
             kwargs[field.name] = _build(kind, flat, dotted + ".")
         elif dotted in flat:
             kwargs[field.name] = convert(dotted, flat[dotted], kind)
+            check_bounds(dotted, kwargs[field.name], field.metadata.get("bounds"))
         elif field.metadata.get("required"):
             raise UserError(f"missing required key {dotted}= ({field.metadata.get('help', '')})")
     try:
@@ -206,7 +237,8 @@ def describe(cls: type) -> str:
     keys = sorted(iter_keys(cls), key=lambda item: not item[1].metadata.get("required"))  # required first
     for name, field in keys:
         default = "REQUIRED" if field.metadata.get("required") else _show(defaults.get(name))
-        lines.append(f"  {name}={default}\n      {field.metadata.get('help', '')}")
+        bounds = f" (range {field.metadata['bounds']})" if field.metadata.get("bounds") else ""
+        lines.append(f"  {name}={default}\n      {field.metadata.get('help', '')}{bounds}")
     return "\n".join(lines)
 
 

@@ -29,7 +29,7 @@ _BLOCKS_SYNTAX = re.compile(r"all|last\d+|\d+(,\d+)*")
 @dataclass(kw_only=True)
 class ArchKeys:
     arch: Arch = key("vit_b", "SAM backbone: vit_b, vit_l, vit_h, vit_t (MobileSAM TinyViT), vit_tiny (tests)")
-    image_size: int = key(1024, "input size in px (256/512 resize pos-embed and rel-pos tables of the weights)")
+    image_size: int = key(1024, "input size in px (256/512 resize pos-embed and rel-pos tables of the weights)", bounds="[16, 4096]")
 
 
 @dataclass(kw_only=True)
@@ -41,50 +41,37 @@ class ModelKeys(ArchKeys):
 
 @dataclass(kw_only=True)
 class SeedKeys:
-    seed: int = key(0, "seed for weights, data order, augmentations and prompts drawn from labels")
+    seed: int = key(0, "seed for weights, data order, augmentations and prompts drawn from labels", bounds="[0, inf)")
 
 
 @dataclass(kw_only=True)
 class BatchKeys:
-    batch_size: int = key(2, "images (slices) per forward pass and process; in training per micro-batch")
-
-    def check_batch_size(self) -> None:
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size={self.batch_size}: must be at least 1")
+    batch_size: int = key(2, "images (slices) per forward pass and process; in training per micro-batch", bounds="[1, inf)")
 
 
 @dataclass(kw_only=True)
 class TrainKeys(SeedKeys, BatchKeys):
-    steps: int = key(1000, "optimiser steps (each = batch_size x grad_accumulation x processes images)")
-    lr: float = key(1e-4, "peak learning rate (AdamW)")
-    weight_decay: float = key(0.05, "AdamW weight decay (not applied to norms, biases, pos-embeddings)")
-    warmup_steps: int = key(0, "linear warm-up steps before the cosine decay")
-    max_grad_norm: float | None = key(1.0, "clip gradients to this norm; none = no clipping")
-    grad_accumulation: int = key(1, "micro-batches per optimiser step")
+    steps: int = key(1000, "optimiser steps (each = batch_size x grad_accumulation x processes images)", bounds="[1, inf)")
+    lr: float = key(1e-4, "peak learning rate (AdamW)", bounds="(0, 10]")
+    weight_decay: float = key(0.05, "AdamW weight decay (not applied to norms, biases, pos-embeddings)", bounds="[0, inf)")
+    warmup_steps: int = key(0, "linear warm-up steps before the cosine decay", bounds="[0, inf)")
+    max_grad_norm: float | None = key(1.0, "clip gradients to this norm; none = no clipping", bounds="(0, inf)")
+    grad_accumulation: int = key(1, "micro-batches per optimiser step", bounds="[1, inf)")
     mixed_precision: Literal["no", "bf16", "fp16"] = key("no", "autocast precision (fp16 needs a GPU)")
     grad_checkpointing: bool = key(False, "recompute encoder blocks in backward to save memory")
-    num_workers: int = key(0, "DataLoader worker processes per training process")
-    save_every: int = key(200, "steps between resumable training states in out/state/step_<N>/")
-    keep_states: int = key(2, "how many training states to keep (oldest deleted)")
+    num_workers: int = key(0, "DataLoader worker processes per training process", bounds="[0, 64]")
+    save_every: int = key(200, "steps between resumable training states in out/state/step_<N>/", bounds="[1, inf)")
+    keep_states: int = key(2, "how many training states to keep (oldest deleted)", bounds="[1, inf)")
     resume: bool = key(True, "resume from the newest out/state/step_<N>/ if one exists")
-    log_every: int = key(10, "steps between rows of out/metrics.csv")
+    log_every: int = key(10, "steps between rows of out/metrics.csv", bounds="[1, inf)")
     tensorboard: bool = key(True, "also write each metrics row to out/tensorboard/ (if tensorboard is installed)")
-
-    def check_training_keys(self) -> None:
-        """Called from the stage config's ``__post_init__``; ValueError becomes a one-line UserError."""
-        self.check_batch_size()
-        for name in ("steps", "grad_accumulation", "save_every", "keep_states", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)}: must be at least 1")
-        if self.lr <= 0:
-            raise ValueError(f"lr={self.lr}: must be positive")
 
 
 @dataclass
 class LoraKeys:
-    rank: int = key(8, "LoRA rank r")
-    alpha: float = key(16.0, "LoRA alpha (the update is scaled by alpha / rank)")
-    dropout: float = key(0.0, "dropout on the LoRA input")
+    rank: int = key(8, "LoRA rank r", bounds="[1, 1024]")
+    alpha: float = key(16.0, "LoRA alpha (the update is scaled by alpha / rank)", bounds="(0, inf)")
+    dropout: float = key(0.0, "dropout on the LoRA input", bounds="[0, 1)")
     targets: str = key(
         "qkv,proj",
         "comma list of Linear layers: qkv (attention q/k/v), proj (attention output), mlp; or a regex "
@@ -93,10 +80,6 @@ class LoraKeys:
     blocks: str = key("all", "image-encoder blocks with LoRA: all, lastN (e.g. last4) or indices (0,1,5)")
 
     def __post_init__(self) -> None:
-        if self.rank < 1:
-            raise ValueError(f"lora.rank={self.rank}: must be at least 1")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"lora.dropout={self.dropout}: must be in [0, 1)")
         if not _BLOCKS_SYNTAX.fullmatch(self.blocks.replace(" ", "")):
             raise ValueError(f"lora.blocks={self.blocks!r}: use all, lastN (e.g. last4) or indices like 0,1,5")
         for token in target_tokens(self.targets):
@@ -130,12 +113,8 @@ def target_tokens(targets: str) -> list[str]:
 
 @dataclass
 class AdapterKeys:
-    bottleneck: int = key(64, "hidden width of each bottleneck adapter")
-    scale: float = key(1.0, "adapter output scale")
-
-    def __post_init__(self) -> None:
-        if self.bottleneck < 1:
-            raise ValueError(f"adapter.bottleneck={self.bottleneck}: must be at least 1")
+    bottleneck: int = key(64, "hidden width of each bottleneck adapter", bounds="[1, 4096]")
+    scale: float = key(1.0, "adapter output scale", bounds="[0, inf)")
 
 
 @dataclass(kw_only=True)
@@ -151,7 +130,7 @@ class SegmenterKeys(ModelKeys, StrategyKeys):
     """What a fine-tuned model *is*: rebuilt from a finetune folder's recorded config (see
     :func:`samadapt.models.finetuned.load_finetune_output`), so the core never imports the finetune stage."""
 
-    num_classes: int = required("number of classes including background (binary = 2)")
+    num_classes: int = required("number of classes including background (binary = 2)", bounds="[2, 256]")
     prompt: PromptMode = key("none", "none = automatic masks for all classes; box / point = prompts from the labels")
 
 
@@ -159,9 +138,9 @@ class SegmenterKeys(ModelKeys, StrategyKeys):
 class PromptKeys:
     """How box/point prompts are drawn from reference labels (training, validation, prompted evaluation)."""
 
-    box_jitter: float = key(0.1, "box prompts: random shift of each side, as a fraction of the box size")
-    num_points: int = key(1, "point prompts: positive points per class")
-    num_negative: int = key(0, "point prompts: negative points per class")
+    box_jitter: float = key(0.1, "box prompts: random shift of each side, as a fraction of the box size", bounds="[0, 1]")
+    num_points: int = key(1, "point prompts: positive points per class", bounds="[1, 64]")
+    num_negative: int = key(0, "point prompts: negative points per class", bounds="[0, 64]")
 
 
 DataKeys = dataclasses.make_dataclass("DataKeys", [

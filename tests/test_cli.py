@@ -43,7 +43,7 @@ def test_unknown_key_and_wrong_type_are_one_line_errors(tmp_path):
     result = run_cli("finetune", "data=x.jsonl", f"out={tmp_path}", "num_classes=two", expect=None)
     assert_one_line_error(result, "num_classes='two': expected an integer")
     result = run_cli("pretrain", "data=x.jsonl", f"out={tmp_path}", "mask_ratio=1.5", expect=None)
-    assert_one_line_error(result, "mask_ratio=1.5", "between 0 and 1")
+    assert_one_line_error(result, "mask_ratio=1.5", "must be in (0, 1)")
 
 
 @pytest.fixture(scope="module")

@@ -110,3 +110,36 @@ def test_finetune_keys_that_would_fail_after_training_fail_before_it(overrides, 
 
     with pytest.raises(UserError, match=message):
         parse_config(FinetuneConfig, None, ["data=m.jsonl", "out=o", "num_classes=2", *overrides])
+
+
+@pytest.mark.parametrize("command, overrides, says", [
+    ("finetune", ["lr=nan"], "lr=nan: must be a finite number"),
+    ("finetune", ["lr=inf"], "lr=inf: must be a finite number"),
+    ("finetune", ["max_grad_norm=nan"], "max_grad_norm=nan: must be a finite number"),
+    ("finetune", ["spacing=nan"], "spacing=nan: must be a finite number"),
+    ("finetune", ["spacing=0.0005"], "spacing=0.0005: must be in [0.05, 50]"),
+    ("finetune", ["num_workers=-1"], "num_workers=-1: must be in [0, 64]"),
+    ("finetune", ["eval_batch_size=0"], "eval_batch_size=0: must be in [1, inf)"),
+    ("finetune", ["augment.rotate=nan"], "augment.rotate=nan: must be a finite number"),
+    ("finetune", ["window=nan,40"], "window='nan,40': width and level must be finite"),
+    ("finetune", ["plane=all"], "plane=all is for pretraining"),
+    ("evaluate", ["nsd_tolerance_mm=nan"], "nsd_tolerance_mm=nan: must be a finite number"),
+    ("evaluate", ["batch_size=0"], "batch_size=0: must be in [1, inf)"),
+    ("pretrain", ["mask_ratio=1"], "mask_ratio=1.0: must be in (0, 1)"),
+])
+def test_numeric_keys_are_finite_and_in_their_declared_range(tmp_path, command, overrides, says):
+    """Through the CLI: refused before any work starts (nothing is created under out=)."""
+    from conftest import assert_one_line_error, run_cli
+
+    required = {"finetune": ["data=m.jsonl", "num_classes=2"], "evaluate": ["data=m.jsonl", "model=m"],
+                "pretrain": ["data=m.jsonl"]}[command]
+    result = run_cli(command, *required, f"out={tmp_path / 'out'}", *overrides, expect=None)
+    assert_one_line_error(result, says)
+    assert not (tmp_path / "out").exists()
+
+
+def test_help_shows_each_range():
+    from samadapt.finetune.config import FinetuneConfig
+
+    text = describe(FinetuneConfig)
+    assert "(range (0, 10])" in text and "(range [0.05, 50])" in text and "(range [0, 1])" in text

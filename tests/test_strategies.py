@@ -150,9 +150,11 @@ def test_bad_lora_settings_are_user_errors(encoder: str, decoder: str, lora: Lor
 
 
 def test_bad_key_values_fail_at_config_time() -> None:
-    for kwargs in ({"rank": 0}, {"dropout": 1.0}, {"blocks": "first2"}, {"targets": "qkv,("}):
-        with pytest.raises(ValueError):
-            LoraKeys(**kwargs)
+    from samadapt.config import build
+
+    for values in ({"rank": 0}, {"dropout": 1.0}, {"dropout": float("nan")}, {"blocks": "first2"}, {"targets": "qkv,("}):
+        with pytest.raises(UserError):
+            build(LoraKeys, values)
 
 
 @pytest.mark.parametrize("arch", ["vit_tiny", "vit_t"])

@@ -7,6 +7,7 @@ between scanners/templates that percentile scaling leaves.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -17,21 +18,23 @@ import numpy as np
 class AugmentConfig:
     """Fields are CLI keys ``augment.<name>=``; 0 switches a transform off."""
 
-    prob: float = field(default=0.5, metadata={"help": "probability that each enabled augmentation is applied"})
+    prob: float = field(default=0.5, metadata={"help": "probability that each enabled augmentation is applied",
+                                               "bounds": "[0, 1]"})
     flip: bool = field(default=True, metadata={"help": "random horizontal (left-right) flips"})
-    rotate: float = field(default=15.0, metadata={"help": "max in-plane rotation in degrees (0 = off)"})
-    zoom: float = field(default=0.15, metadata={"help": "max relative zoom in or out, e.g. 0.15 = 0.85-1.15x (0 = off)"})
-    gamma: float = field(default=0.4, metadata={"help": "gamma drawn from 1/(1+g)..1+g on [0, 1] intensities (0 = off)"})
-    intensity: float = field(default=0.1, metadata={"help": "max relative intensity scale and shift (0 = off)"})
+    rotate: float = field(default=15.0, metadata={"help": "max in-plane rotation in degrees (0 = off)",
+                                                  "bounds": "[0, 180]"})
+    zoom: float = field(default=0.15, metadata={"help": "max relative zoom in or out, e.g. 0.15 = 0.85-1.15x (0 = off)",
+                                                "bounds": "[0, 1)"})
+    gamma: float = field(default=0.4, metadata={"help": "gamma drawn from 1/(1+g)..1+g on [0, 1] intensities (0 = off)",
+                                                "bounds": "[0, 10]"})
+    intensity: float = field(default=0.1, metadata={"help": "max relative intensity scale and shift (0 = off)",
+                                                    "bounds": "[0, 1]"})
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.prob <= 1.0:
-            raise ValueError(f"augment.prob={self.prob}: must be between 0 and 1")
-        for name in ("rotate", "zoom", "gamma", "intensity"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"augment.{name}={getattr(self, name)}: must be 0 (off) or positive")
-        if self.zoom >= 1:
-            raise ValueError(f"augment.zoom={self.zoom}: must be below 1")
+        from samadapt.config import check_bounds
+
+        for name, info in ((f.name, f.metadata) for f in dataclasses.fields(self)):
+            check_bounds(f"augment.{name}", getattr(self, name), info.get("bounds"))
 
 
 def build_transform(config: AugmentConfig, labeled: bool):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args, get_type_hints
 
@@ -20,15 +21,18 @@ PLANES: tuple[str, ...] = get_args(Plane)
 
 @dataclass(frozen=True)
 class Preprocessing:
-    image_size: int = field(default=1024, metadata={"help": "side of the square model input in px"})
+    image_size: int = field(default=1024, metadata={"help": "side of the square model input in px", "bounds": "[16, 4096]"})
     plane: Literal[Plane, "all"] = field(
         default="axial", metadata={"help": "slicing plane after reorienting to LPS (all = every plane, SSL)"})
     spacing: float | None = field(
-        default=None, metadata={"help": "in-plane pixel size in mm to resample to; none = fit the slice to image_size"})
+        default=None, metadata={"help": "in-plane pixel size in mm to resample to; none = fit the slice to image_size",
+                                # finer than 0.05 mm a 25 cm slice is > 5000 px a side before it is cropped
+                                "bounds": "[0.05, 50]"})
     window: str | None = field(
         default=None, metadata={"help": "intensity window: soft_tissue, lung, bone, brain or 'W,L' (HU); "
                                          "none = modality default (CT soft_tissue, MR percentiles)"})
-    channel: int | None = field(default=None, metadata={"help": "volume to use from 4D / multi-channel images"})
+    channel: int | None = field(default=None, metadata={"help": "volume to use from 4D / multi-channel images",
+                                                        "bounds": "[0, inf)"})
     mr_foreground: Literal["otsu", "nonzero"] = field(
         default="otsu", metadata={"help": "MR voxels whose 0.5-99.5 percentiles set the scale: Otsu head mask "
                                           "or non-zero voxels"})
@@ -36,12 +40,15 @@ class Preprocessing:
         default=False, metadata={"help": "resample labels whose geometry differs from the image (nearest)"})
 
     def __post_init__(self) -> None:
-        if self.image_size < 16:
-            raise ValueError(f"image_size={self.image_size}: must be at least 16")
+        from samadapt.config import check_bounds
+        from samadapt.data.normalise import parse_window
+
+        for name, info in ((f.name, f.metadata) for f in dataclasses.fields(self)):
+            check_bounds(name, getattr(self, name), info.get("bounds"))
         if self.plane not in PLANES + ("all",):
             raise ValueError(f"plane={self.plane!r}: use axial, coronal, sagittal or all")
-        if self.spacing is not None and self.spacing <= 0:
-            raise ValueError(f"spacing={self.spacing}: must be a positive size in mm (or none)")
+        if self.window is not None and not all(math.isfinite(v) for v in parse_window(self.window)):
+            raise ValueError(f"window={self.window!r}: width and level must be finite numbers (HU)")
 
     @property
     def planes(self) -> tuple[str, ...]:
