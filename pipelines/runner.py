@@ -38,6 +38,16 @@ from samadapt.stages import STAGES
 PIPELINE_KEYS = {"name", "defaults", "matrix", "stages", "compare", "description"}
 STAGE_KEYS = {"command", "config"}
 REF = re.compile(r"\$\{([^}]+)\}")
+# Pipeline, stage and matrix-cell names become folder names under the runs folder: plain names only, so no
+# name can write outside it (``..``, ``/``) or hide (a leading dot).
+PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+=-]*")
+
+
+def check_name(name: str, what: str, source: Path) -> str:
+    """``name`` if it is a plain folder name, else a UserError naming ``what`` it is."""
+    if not PLAIN_NAME.fullmatch(name) or ".." in name:
+        raise UserError(f"{source}: {what} {name!r} is not a plain folder name (letters, digits, _ . + = -; no / or ..)")
+    return name
 
 
 @dataclass
@@ -97,8 +107,17 @@ def plan(spec: dict[str, Any], source: Path, root: Path) -> list[Stage]:
     if not isinstance(matrix, dict) or not all(isinstance(v, list) and v for v in matrix.values()):
         raise UserError(f"{source}: 'matrix' must map each axis name to a non-empty list of values")
     cells = [dict(zip(matrix, combo)) for combo in itertools.product(*matrix.values())] if matrix else []
+    cell_names: dict[str, dict[str, Any]] = {}
+    for cell in cells:
+        cell_id = check_name(_cell_id(cell), "matrix cell", source)
+        if cell_id in cell_names:
+            raise UserError(f"{source}: matrix cells {cell_names[cell_id]} and {cell} are both named {cell_id!r} — give "
+                            "the mapping values distinct 'name' fields")
+        cell_names[cell_id] = cell
+    _check_compare(spec.get("compare"), stages, source)
     deps: dict[str, set[str]] = {}
     for name, body in stages.items():
+        check_name(str(name), "stage name", source)
         if not isinstance(body, dict) or set(body) - STAGE_KEYS or body.get("command") not in STAGES:
             raise UserError(f"{source}: stage {name!r} needs command: one of {sorted(STAGES)} "
                             f"and an optional config mapping")
@@ -125,6 +144,19 @@ def plan(spec: dict[str, Any], source: Path, root: Path) -> list[Stage]:
                                  raw=dict(body.get("config") or {}), cell=cell, out=root / (name + suffix),
                                  deps=[d + (suffix if per_cell[d] else "") for d in sorted(deps[name])]))
     return planned
+
+
+def _check_compare(compare: Any, stages: dict[str, Any], source: Path) -> None:
+    """``compare:`` names evaluate stages (a name or a list of names); checked before any stage runs."""
+    if compare is None:
+        return
+    names = [compare] if isinstance(compare, str) else compare
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise UserError(f"{source}: compare must be an evaluate stage's name or a list of them, got {compare!r}")
+    for name in names:
+        base = name.split("/")[0]
+        if base not in stages or (stages[base] or {}).get("command") != "evaluate":
+            raise UserError(f"{source}: compare lists {name!r}, which is not an evaluate stage of this pipeline")
 
 
 def _check_matrix_ref(ref: str, matrix: dict[str, list], where: str) -> None:
@@ -235,7 +267,7 @@ def run_pipeline(pipeline: str, overrides: list[str], start: str | None = None, 
     """Run (or with ``dry_run`` list) the selected stages; returns {stage name: what happened}."""
     source = locate(pipeline)
     spec = read_yaml(source)
-    name = str(spec.get("name") or source.stem)
+    name = check_name(str(spec.get("name") or source.stem), "pipeline name", source)
     root = Path(runs_dir) if runs_dir else Path("runs") / name
     stages = plan(spec, source, root)
     by_name = {s.name: s for s in stages}
@@ -306,8 +338,6 @@ def _compare(spec: dict[str, Any], stages: list[Stage], root: Path, source: Path
     chosen = [s for s in stages if s.base in wanted or s.name in wanted]
     if not chosen:
         return
-    if any(s.command != "evaluate" for s in chosen):
-        raise UserError(f"{source}: compare lists stages that are not evaluate stages")
     if not all((s.out / STAGE_OUTPUT).is_file() for s in chosen):
         _say("compare: skipped — not every compared evaluate stage has finished")
         return

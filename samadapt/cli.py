@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import errno
 import importlib
+import os
+import signal
 import sys
 from typing import Callable, Sequence
 
@@ -19,8 +21,19 @@ from samadapt.stages import COMMANDS, STAGES, StageSpec
 # Command groups that register their own sub-parsers: module with add_parser(subparsers).
 GROUPS = ("samadapt.data.commands", "samadapt.models.commands", "samadapt.pipelines.commands",
           "samadapt.evaluate.commands")
-# Errors of the environment a user can fix (disk full, read-only output, permissions).
-USER_OS_ERRORS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT, errno.ENOENT, errno.EFBIG, errno.EIO}
+# Errors of the environment a user can fix (disk full, read-only output, permissions, a path that is a folder
+# where a file is expected, a busy device, a name longer than the filesystem allows).
+USER_OS_ERRORS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT, errno.ENOENT, errno.EFBIG, errno.EIO,
+                  errno.EISDIR, errno.ENOTDIR, errno.EBUSY, errno.ENAMETOOLONG, errno.EPERM, errno.ETXTBSY}
+RESUME_HINT = "rerun the same command to resume from the last saved state"
+
+
+class Terminated(BaseException):
+    """SIGTERM (a scheduler's time limit, ``kill``): unwinds like Ctrl-C so progress bars close and the lock goes."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated()
 
 
 def _stage_handler(spec: StageSpec) -> Callable[[argparse.Namespace], int]:
@@ -83,6 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not hasattr(args, "overrides") or any("=" not in item or item.startswith("-") for item in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return args.func(args)
     except UserError as exc:
@@ -90,15 +104,27 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `samadapt run p.yaml --dry-run | head`: the reader left, nothing to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except OSError as exc:
         if args.debug or exc.errno not in USER_OS_ERRORS:
             raise
         where = f"{exc.filename}: " if exc.filename else ""
         print(f"error: {where}{exc.strerror}", file=sys.stderr)
         return 1
+    except UnicodeDecodeError as exc:  # a text file (manifest, config, labels.json) in another encoding
+        if args.debug:
+            raise
+        print(f"error: a text input is not UTF-8 ({exc.reason} at byte {exc.start}) — save it as UTF-8",
+              file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
-        print("interrupted — rerun the same command to resume from the last saved state", file=sys.stderr)
+        print(f"interrupted — {RESUME_HINT}", file=sys.stderr)
         return 130
+    except Terminated:
+        print(f"terminated (SIGTERM) — {RESUME_HINT}", file=sys.stderr)
+        return 143
 
 
 if __name__ == "__main__":

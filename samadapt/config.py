@@ -111,13 +111,27 @@ def parse_config(cls: type[T], config_file: str | Path | None = None, overrides:
     return build(cls, values)
 
 
+# A config or pipeline is a few kB: past these limits a file is a mistake or an attack (a "billion laughs"
+# document whose aliases expand to 10^9 values while it is walked).
+YAML_MAX_BYTES = 1 << 20
+YAML_MAX_VALUES = 100_000
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping with ``safe_load``; a missing file or a non-mapping is a UserError."""
+    """Read a YAML mapping with ``safe_load``; a missing, huge, non-UTF-8 or alias-bomb file or a non-mapping
+    is a one-line UserError."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: config file not found")
+    if path.stat().st_size > YAML_MAX_BYTES:
+        raise UserError(f"{path}: {path.stat().st_size} bytes — a config is at most {YAML_MAX_BYTES} bytes")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        _count_values(data, path)
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text — save it as UTF-8") from None
+    except RecursionError:
+        raise UserError(f"{path}: nested too deeply (or a recursive alias)") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
@@ -127,6 +141,22 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a mapping of keys to values, got {type(data).__name__}")
     return data
+
+
+def _count_values(data: Any, path: Path) -> None:
+    """Walk ``data`` as a reader would (an alias counts each time it is reached) and stop at the limit."""
+    seen = 0
+    stack = [data]
+    while stack:
+        item = stack.pop()
+        seen += 1
+        if seen > YAML_MAX_VALUES:
+            raise UserError(f"{path}: expands to more than {YAML_MAX_VALUES} values (aliases?) — not a config")
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
 
 
 def parse_overrides(overrides: typing.Sequence[str]) -> dict[str, str]:

@@ -32,6 +32,19 @@ TEMPORARY_MARK = ".samadapt-tmp"
 _TEMPORARY = re.compile(r"\..+\.(?:[0-9a-f]{8}|shared)" + re.escape(TEMPORARY_MARK) + r"(?:\.[^.]+)*")
 
 
+# The process umask, read once (os.umask can only be read by setting it).
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
+def give_usual_mode(path: str | os.PathLike) -> None:
+    """Give ``path`` (and, for a folder, everything in it) the mode a new file or folder gets under the umask:
+    some writers create 0600 files (safetensors), folders made by mkdtemp are 0700, unlike a plain ``open``."""
+    path = Path(path)
+    for item in [path, *(path.rglob("*") if path.is_dir() else [])]:
+        os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~_UMASK)
+
+
 def temporary_name(final: str | os.PathLike, shared: bool = False) -> Path:
     """A temporary path beside ``final`` that stale-temporary cleanup recognises as samadapt's own.
 
@@ -58,6 +71,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.close(os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
         yield tmp_path
+        give_usual_mode(tmp_path)
         os.replace(tmp_path, path)
     except BaseException as exc:
         tmp_path.unlink(missing_ok=True)

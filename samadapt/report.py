@@ -158,7 +158,9 @@ def compare_runs(eval_dirs: Sequence[str | Path], out_prefix: str | Path, names:
     if label_names is None:  # the names the evaluations recorded from their manifests' labels.json
         label_names = {k: v for s in summaries for k, v in (s.get("label_names") or {}).items()}
     label_names = {str(label): name for label, name in label_names.items()}
-    labels = sorted({label for s in summaries for label in s["mean"]}, key=int)
+    # Classes by number; nnU-Net region keys such as "(1, 2)" (several labels scored as one) after them.
+    labels = sorted({label for s in summaries for label in s["mean"]},
+                    key=lambda label: (0, int(label), "") if label.lstrip("-").isdigit() else (1, 0, label))
 
     columns = score_columns(tolerance)
     # (run, eval_dir, label or "foreground", class shown to people, {score: mean}, cases, cases without HD95)

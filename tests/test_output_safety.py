@@ -176,3 +176,35 @@ def test_temporary_names_are_recognised_exactly():
     assert is_temporary(temporary_name(Path("state/step_3"), shared=True).name)
     for users in (".tmp", ".draft.tmp.txt", ".x.12345678.tmp.nii.gz", "a.nii.gz.0123abcd.samadapt-tmp"):
         assert not is_temporary(users), users
+
+
+def test_sigterm_says_how_to_resume_and_weights_get_the_usual_mode(tmp_path, data):
+    """A scheduler's SIGTERM: one line saying what happened and how to go on, exit 143, no completion record;
+    the same command then resumes. Weights (safetensors, peft's adapter/) get the mode of any new file."""
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "ft"
+    args = ["finetune", f"data={data / 'm.jsonl'}", f"out={out}", "num_classes=2", "steps=40", "save_every=2",
+            "val_split=none", f"cache_dir={data / 'cache'}", "encoder=frozen", "decoder=lora",
+            "embedding_cache=false", "batch_size=1", *TINY]
+    process = subprocess.Popen([sys.executable, "-m", "samadapt", *args], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, encoding="utf-8")
+    deadline = time.time() + 300
+    while not (out / "state" / "step_2" / "progress.json").exists():
+        assert process.poll() is None and time.time() < deadline, process.stderr.read() if process.poll() else ""
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143, stderr
+    assert "terminated (SIGTERM) — rerun the same command to resume" in stderr and "Traceback" not in stderr
+    assert not (out / "stage_output.json").exists()
+    run_cli(*args)
+    record = json.loads((out / "stage_output.json").read_text(encoding="utf-8"))
+    assert record["metrics"]["resumed_from_step"] >= 2
+    umask = os.umask(0)
+    os.umask(umask)
+    for path, usual in ((out / "trainable.safetensors", 0o666), (out / "adapter", 0o777),
+                        (out / "adapter" / "adapter_model.safetensors", 0o666)):
+        assert path.stat().st_mode & 0o777 == usual & ~umask, (path, oct(path.stat().st_mode))

@@ -26,7 +26,7 @@ from torch import nn
 from samadapt.config import from_record
 from samadapt.data.preprocessing import Preprocessing
 from samadapt.errors import UserError
-from samadapt.io import atomic_path, ensure_writable_dir, sha256_file, temporary_name
+from samadapt.io import atomic_path, ensure_writable_dir, give_usual_mode, sha256_file, temporary_name
 from samadapt.keys import SegmenterKeys, StrategyKeys
 from samadapt.models.checkpoints import load_sam
 from samadapt.models.segmenter import SamSegmenter
@@ -62,6 +62,7 @@ def save_finetuned(model: nn.Module, out_dir: str | os.PathLike) -> dict[str, Pa
         tmp.mkdir()
         try:
             model.sam.save_pretrained(tmp)
+            give_usual_mode(tmp)
             _replace_dir(tmp, out_dir / ADAPTER_DIR)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
