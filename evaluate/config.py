@@ -18,13 +18,18 @@ class InferenceKeys(ArchKeys, DataKeys, SeedKeys, with_defaults(BatchKeys, batch
     model: str = required("finetune output folder, or a SAM checkpoint (.pth/.safetensors) for zero-shot")
     out: Path = required("output folder")
     num_classes: int | None = key(
-        None, "checkpoint models only: classes incl. background (none = from the manifest's labels.json)", bounds="[2, 256]")
+        None,
+        "checkpoint models only: classes incl. background (none = from the manifest's labels.json)",
+        bounds="[2, 256]",
+    )
 
     def __post_init__(self) -> None:
         preprocessing(self)  # its own checks (e.g. the window) before any work, not at the first slice
         if self.plane == "all":
-            raise ValueError("plane=all is for pretraining; a model segments one plane — use the plane it was "
-                             "trained on (axial, coronal or sagittal)")
+            raise ValueError(
+                "plane=all is for pretraining; a model segments one plane — use the plane it was "
+                "trained on (axial, coronal or sagittal)"
+            )
 
 
 @dataclass(kw_only=True)
@@ -32,10 +37,10 @@ class EvaluateConfig(InferenceKeys, with_defaults(PromptKeys, box_jitter=0.0)):
     data: str = required("labeled manifest (.jsonl/.csv) or a packaged one such as demo:brain")
     split: str | None = key("test", "manifest split to evaluate; none = all rows")
     prompt: PromptMode | None = key(
-        None, "none = automatic; box / point = prompts from the reference labels; none given = as trained")
+        None, "none = automatic; box / point = prompts from the reference labels; none given = as trained"
+    )
     nsd_tolerance_mm: float = key(2.0, "surface tolerance of the NSD in mm", bounds="(0, 1000]")
     overlays: bool = key(True, "write overlays/<case>.png for the worst, median and best case")
-
 
 
 @dataclass(kw_only=True)

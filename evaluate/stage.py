@@ -77,9 +77,13 @@ def run(config: EvaluateConfig) -> StageOutput:
         if config.overlays:
             _write_overlays(entries, cases, loaded.prep, loaded.num_classes, out)
         wall = time.time() - stage_run.started
-        metrics = {"cases": len(entries), "foreground_mean": summary["foreground_mean"],
-                   "metric_seconds": round(metric_seconds, 3), "metric_share": round(metric_seconds / max(wall, 1e-9), 4),
-                   "prompt": loaded.prompt}
+        metrics = {
+            "cases": len(entries),
+            "foreground_mean": summary["foreground_mean"],
+            "metric_seconds": round(metric_seconds, 3),
+            "metric_share": round(metric_seconds / max(wall, 1e-9), 4),
+            "prompt": loaded.prompt,
+        }
         artifacts = {name: EVALUATE.path(out, name) for name in EVALUATE.artifacts if EVALUATE.path(out, name).exists()}
         record = finish_stage("evaluate", config, stage_run, artifacts, metrics)
         dice = summary["foreground_mean"].get("Dice")
@@ -101,5 +105,11 @@ def _write_overlays(entries: list[dict], cases: list, prep, num_classes: int, ou
         image = readers.to_array(volume, case.image)
         reference = readers.read_label(case.label, volume, case.image, prep.resample_labels, num_classes)
         prediction = readers.to_array(readers.read_volume(entry["prediction_file"]), entry["prediction_file"])
-        write_overlay_png(image, reference, prediction, EVALUATE.path(out, "overlays") / f"{case.id}.png",
-                          f"{case.id} ({tag}, Dice {_foreground_dice(entry):.3f})", spacing=volume.GetSpacing()[::-1])
+        write_overlay_png(
+            image,
+            reference,
+            prediction,
+            EVALUATE.path(out, "overlays") / f"{case.id}.png",
+            f"{case.id} ({tag}, Dice {_foreground_dice(entry):.3f})",
+            spacing=volume.GetSpacing()[::-1],
+        )

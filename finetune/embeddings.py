@@ -83,16 +83,20 @@ class EmbeddingDataset(Dataset):
                         item = self.slices[index]
                         image, label = item["image"][0].numpy(), item["label"].numpy()
                         if transform:
-                            image, label = augment(transform, image, label, derived_seed(self.seed, "view", view, index))
+                            image, label = augment(
+                                transform, image, label, derived_seed(self.seed, "view", view, index)
+                            )
                             labels[index, view] = label
                         images.append(torch.from_numpy(np.ascontiguousarray(image))[None])
                     batch = to_sam_input(torch.stack(images).to(device))
-                    embeddings[start:start + len(images), view] = segmenter.embed(batch).cpu().numpy()
+                    embeddings[start : start + len(images), view] = segmenter.embed(batch).cpu().numpy()
         segmenter.train(encoder_was_training)
         embeddings.flush()
         if labels is not None:
             labels.flush()
-        (tmp / "index.json").write_text(json.dumps({"shape": list(embeddings.shape), "label_shape": [size, size]}), encoding="utf-8")
+        (tmp / "index.json").write_text(
+            json.dumps({"shape": list(embeddings.shape), "label_shape": [size, size]}), encoding="utf-8"
+        )
         try:
             os.rename(tmp, self.folder)  # another process may have won the race: keep its copy
         except OSError:
@@ -106,9 +110,11 @@ class EmbeddingDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         view = (self.epoch + index) % self.views  # every view is used once per `views` epochs
-        item = {"embedding": torch.from_numpy(np.array(self.embeddings[index, view], dtype=np.float32)),
-                "case_id": self.slices.entries[self.slices.items[index][0]][0].id,
-                "slice": self.slices.items[index][1]}
+        item = {
+            "embedding": torch.from_numpy(np.array(self.embeddings[index, view], dtype=np.float32)),
+            "case_id": self.slices.entries[self.slices.items[index][0]][0].id,
+            "slice": self.slices.items[index][1],
+        }
         if self.labels is not None:
             item["label"] = torch.from_numpy(self.labels[index, view].astype(np.int64))
         else:

@@ -196,13 +196,22 @@ def run(config: FinetuneConfig) -> StageOutput:
     if accelerator.is_main_process:
         artifacts = _export(config, accelerator.unwrap_model(trainer.model).cpu(), validator is not None)
         val = validator.state if validator else {}
-        metrics = {"steps": result.steps, "final_loss": result.final_loss, "train_seconds": round(result.seconds, 2),
-                   "train_volumes": len(train_cases), "val_volumes": len(val_cases), "train_slices": len(slices),
-                   "best_val_dice": val.get("best_dice"), "best_step": val.get("best_step"),
-                   "trainable_params": summary["trainable"], "total_params": summary["total"],
-                   "train_cases": [c.id for c in train_cases],
-                   "train_modalities": sorted({c.modality for c in train_cases}), "resumed_from_step": result.resumed_from,
-                   "processes": accelerator.num_processes}
+        metrics = {
+            "steps": result.steps,
+            "final_loss": result.final_loss,
+            "train_seconds": round(result.seconds, 2),
+            "train_volumes": len(train_cases),
+            "val_volumes": len(val_cases),
+            "train_slices": len(slices),
+            "best_val_dice": val.get("best_dice"),
+            "best_step": val.get("best_step"),
+            "trainable_params": summary["trainable"],
+            "total_params": summary["total"],
+            "train_cases": [c.id for c in train_cases],
+            "train_modalities": sorted({c.modality for c in train_cases}),
+            "resumed_from_step": result.resumed_from,
+            "processes": accelerator.num_processes,
+        }
         record = finish_stage("finetune", config, stage_run, artifacts, metrics)
     accelerator.wait_for_everyone()
     return record

@@ -1,0 +1,1 @@
+"""The pipeline runner and packaged pipeline YAMLs, imported as ``samadapt.pipelines``."""

@@ -14,7 +14,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("pipeline", help="pipeline YAML file or packaged pipeline name")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="key=value for every stage that has the key, or <stage>.key=value for one stage")
-    parser.add_argument("--from", dest="start", metavar="STAGE", help="start at this stage (earlier ones must be complete)")
+    parser.add_argument(
+        "--from", dest="start", metavar="STAGE", help="start at this stage (earlier ones must be complete)"
+    )
     parser.add_argument("--until", metavar="STAGE", help="stop after this stage")
     parser.add_argument("--force", action="store_true", help="rerun selected stages even if up to date")
     parser.add_argument("--dry-run", action="store_true", help="list the stages and their status, run nothing")
@@ -26,6 +28,13 @@ def add_parser(subparsers) -> None:
 def _run(args: argparse.Namespace) -> int:
     from samadapt.pipelines.runner import run_pipeline
 
-    run_pipeline(args.pipeline, args.overrides, start=args.start, until=args.until, force=args.force,
-                 dry_run=args.dry_run, runs_dir=args.runs_dir)
+    run_pipeline(
+        args.pipeline,
+        args.overrides,
+        start=args.start,
+        until=args.until,
+        force=args.force,
+        dry_run=args.dry_run,
+        runs_dir=args.runs_dir,
+    )
     return 0

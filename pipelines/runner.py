@@ -46,7 +46,9 @@ PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+=-]*")
 def check_name(name: str, what: str, source: Path) -> str:
     """``name`` if it is a plain folder name, else a UserError naming ``what`` it is."""
     if not PLAIN_NAME.fullmatch(name) or ".." in name:
-        raise UserError(f"{source}: {what} {name!r} is not a plain folder name (letters, digits, _ . + = -; no / or ..)")
+        raise UserError(
+            f"{source}: {what} {name!r} is not a plain folder name (letters, digits, _ . + = -; no / or ..)"
+        )
     return name
 
 
@@ -79,6 +81,7 @@ def locate(pipeline: str) -> Path:
 
 def _cell_id(cell: dict[str, Any]) -> str:
     """``vit_b-lora``: each axis value, or for a mapping its ``name`` (else its values joined by ``_``)."""
+
     def part(value: Any) -> str:
         if isinstance(value, dict):
             return str(value["name"]) if "name" in value else "_".join(str(v) for v in value.values())
@@ -111,16 +114,19 @@ def plan(spec: dict[str, Any], source: Path, root: Path) -> list[Stage]:
     for cell in cells:
         cell_id = check_name(_cell_id(cell), "matrix cell", source)
         if cell_id in cell_names:
-            raise UserError(f"{source}: matrix cells {cell_names[cell_id]} and {cell} are both named {cell_id!r} — give "
-                            "the mapping values distinct 'name' fields")
+            raise UserError(
+                f"{source}: matrix cells {cell_names[cell_id]} and {cell} are both named {cell_id!r} — give "
+                "the mapping values distinct 'name' fields"
+            )
         cell_names[cell_id] = cell
     _check_compare(spec.get("compare"), stages, source)
     deps: dict[str, set[str]] = {}
     for name, body in stages.items():
         check_name(str(name), "stage name", source)
         if not isinstance(body, dict) or set(body) - STAGE_KEYS or body.get("command") not in STAGES:
-            raise UserError(f"{source}: stage {name!r} needs command: one of {sorted(STAGES)} "
-                            f"and an optional config mapping")
+            raise UserError(
+                f"{source}: stage {name!r} needs command: one of {sorted(STAGES)} and an optional config mapping"
+            )
         deps[name] = set()
         for ref in _refs(body.get("config") or {}):
             head = ref.split(".")[0]
@@ -134,15 +140,24 @@ def plan(spec: dict[str, Any], source: Path, root: Path) -> list[Stage]:
     per_cell = {}
     for name in order:
         per_cell[name] = any(r.startswith("matrix.") for r in _refs(stages[name].get("config") or {})) or any(
-            per_cell[d] for d in deps[name])
+            per_cell[d] for d in deps[name]
+        )
     planned: list[Stage] = []
     for name in order:
         body = stages[name]
-        for cell in (cells if per_cell[name] else [None]):
+        for cell in cells if per_cell[name] else [None]:
             suffix = f"/{_cell_id(cell)}" if cell else ""
-            planned.append(Stage(name=name + suffix, base=name, command=body["command"],
-                                 raw=dict(body.get("config") or {}), cell=cell, out=root / (name + suffix),
-                                 deps=[d + (suffix if per_cell[d] else "") for d in sorted(deps[name])]))
+            planned.append(
+                Stage(
+                    name=name + suffix,
+                    base=name,
+                    command=body["command"],
+                    raw=dict(body.get("config") or {}),
+                    cell=cell,
+                    out=root / (name + suffix),
+                    deps=[d + (suffix if per_cell[d] else "") for d in sorted(deps[name])],
+                )
+            )
     return planned
 
 
@@ -166,11 +181,14 @@ def _check_matrix_ref(ref: str, matrix: dict[str, list], where: str) -> None:
         raise UserError(f"{where} uses ${{{ref}}} but the matrix has no such axis (axes: {', '.join(matrix)})")
     values = matrix[parts[1]]
     if len(parts) == 2 and any(isinstance(v, dict) for v in values):
-        raise UserError(f"{where} uses ${{{ref}}} but matrix axis {parts[1]!r} holds mappings — name a field, "
-                        f"e.g. ${{{ref}.{next(iter(next(v for v in values if isinstance(v, dict))), 'name')}}}")
+        raise UserError(
+            f"{where} uses ${{{ref}}} but matrix axis {parts[1]!r} holds mappings — name a field, "
+            f"e.g. ${{{ref}.{next(iter(next(v for v in values if isinstance(v, dict))), 'name')}}}"
+        )
     if len(parts) > 3 or (len(parts) == 3 and not all(isinstance(v, dict) and parts[2] in v for v in values)):
-        raise UserError(f"{where} uses ${{{ref}}}: not every value of matrix axis {parts[1]!r} has a field "
-                        f"{'.'.join(parts[2:])!r}")
+        raise UserError(
+            f"{where} uses ${{{ref}}}: not every value of matrix axis {parts[1]!r} has a field {'.'.join(parts[2:])!r}"
+        )
 
 
 def _topological(deps: dict[str, set[str]], source: Path) -> list[str]:
@@ -193,8 +211,7 @@ def _topological(deps: dict[str, set[str]], source: Path) -> list[str]:
     return order
 
 
-def resolve_config(stage: Stage, by_name: dict[str, Stage], defaults: dict[str, Any],
-                   overrides: dict[str, str]) -> Any:
+def resolve_config(stage: Stage, by_name: dict[str, Stage], defaults: dict[str, Any], overrides: dict[str, str]) -> Any:
     """The stage's config object: defaults < YAML config < key=value < stage.key=value, refs resolved."""
     config_cls = STAGES[stage.command].config_class()
     known = {name for name, _ in iter_keys(config_cls)}
@@ -202,7 +219,7 @@ def resolve_config(stage: Stage, by_name: dict[str, Stage], defaults: dict[str, 
     values.update(_flatten(stage.raw))
     values.update({k: v for k, v in overrides.items() if k in known})
     prefix = stage.base + "."
-    values.update({k[len(prefix):]: v for k, v in overrides.items() if k.startswith(prefix)})
+    values.update({k[len(prefix) :]: v for k, v in overrides.items() if k.startswith(prefix)})
     values = {k: _substitute(v, stage, by_name) for k, v in values.items()}
     values["out"] = str(stage.out)
     return build(config_cls, values)
@@ -232,8 +249,10 @@ def _substitute(value: Any, stage: Stage, by_name: dict[str, Stage]) -> Any:
         upstream = next(by_name[d] for d in stage.deps if by_name[d].base == parts[0])
         provided = STAGES[upstream.command]
         if len(parts) != 2 or (parts[1] != "dir" and parts[1] not in provided.artifacts):
-            raise UserError(f"stage {stage.name}: ${{{match.group(1)}}} — {upstream.command} stages provide "
-                            f"{', '.join(['dir', *provided.artifacts])}")
+            raise UserError(
+                f"stage {stage.name}: ${{{match.group(1)}}} — {upstream.command} stages provide "
+                f"{', '.join(['dir', *provided.artifacts])}"
+            )
         return str(upstream.out if parts[1] == "dir" else provided.path(upstream.out, parts[1]))
 
     full = REF.fullmatch(value)
@@ -259,11 +278,18 @@ def _select(stages: list[Stage], start: str | None, until: str | None) -> list[S
 
     first = index(start, last=False) if start else 0
     last = index(until, last=True) if until else len(stages) - 1
-    return stages[first:last + 1]
+    return stages[first : last + 1]
 
 
-def run_pipeline(pipeline: str, overrides: list[str], start: str | None = None, until: str | None = None,
-                 force: bool = False, dry_run: bool = False, runs_dir: str | None = None) -> dict[str, str]:
+def run_pipeline(
+    pipeline: str,
+    overrides: list[str],
+    start: str | None = None,
+    until: str | None = None,
+    force: bool = False,
+    dry_run: bool = False,
+    runs_dir: str | None = None,
+) -> dict[str, str]:
     """Run (or with ``dry_run`` list) the selected stages; returns {stage name: what happened}."""
     source = locate(pipeline)
     spec = read_yaml(source)
@@ -276,8 +302,15 @@ def run_pipeline(pipeline: str, overrides: list[str], start: str | None = None, 
     selected = _select(stages, start, until)
     configs = {s.name: resolve_config(s, by_name, spec.get("defaults") or {}, parsed) for s in stages}
     if not dry_run and _is_main_process():  # the bundle first: it explains a run that fails half-way too
-        write_json(root / "pipeline.json", {"pipeline": str(source), "spec": spec, "versions": versions(),
-                                            "stages": {n: to_dict(c) for n, c in configs.items()}})
+        write_json(
+            root / "pipeline.json",
+            {
+                "pipeline": str(source),
+                "spec": spec,
+                "versions": versions(),
+                "stages": {n: to_dict(c) for n, c in configs.items()},
+            },
+        )
     outcome: dict[str, str] = {}
     for stage in stages:
         config = configs[stage.name]
@@ -328,8 +361,9 @@ def _check_overrides(overrides: dict[str, str], stages: list[Stage]) -> None:
         if head in bases and rest:
             continue
         if key not in known:
-            raise UserError(f"override {key}=: no stage of this pipeline has that key "
-                            f"(use <stage>.<key>= for one stage)")
+            raise UserError(
+                f"override {key}=: no stage of this pipeline has that key (use <stage>.<key>= for one stage)"
+            )
 
 
 def _compare(spec: dict[str, Any], stages: list[Stage], root: Path, source: Path) -> None:

@@ -1,0 +1,1 @@
+"""The pretrain stage, imported as ``samadapt.pretrain``: config, MAE around SAM's encoder, ``run``."""

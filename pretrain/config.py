@@ -13,7 +13,9 @@ Variant = Literal["drop", "mask_token"]
 
 
 @dataclass(kw_only=True)
-class PretrainConfig(ModelKeys, with_defaults(DataKeys, plane="all"), with_defaults(TrainKeys, lr=1.5e-4, warmup_steps=50)):
+class PretrainConfig(
+    ModelKeys, with_defaults(DataKeys, plane="all"), with_defaults(TrainKeys, lr=1.5e-4, warmup_steps=50)
+):
     data: str = required("unlabeled manifest (.jsonl/.csv) or a packaged one such as demo:ssl")
     out: Path = required("output folder (resumes from out/state/ when rerun)")
     mask_ratio: float = key(0.75, "fraction of the image masked (rounded to whole mask units)", bounds="(0, 1)")
@@ -25,7 +27,9 @@ class PretrainConfig(ModelKeys, with_defaults(DataKeys, plane="all"), with_defau
     norm_pix_loss: bool = key(True, "normalise each target patch by its mean and std (MAE)")
     layer_decay: float = key(1.0, "layer-wise lr decay for encoder blocks (1.0 = none, 0.75 typical)", bounds="(0, 1]")
     skip_empty: float = key(0.05, "skip slices whose foreground fraction is below this (0 = keep all)", bounds="[0, 1)")
-    preview_every: int = key(100, "steps between reconstruction previews in out/previews/ (0 = never)", bounds="[0, inf)")
+    preview_every: int = key(
+        100, "steps between reconstruction previews in out/previews/ (0 = never)", bounds="[0, inf)"
+    )
 
     def __post_init__(self) -> None:
         preprocessing(self)  # its own checks (e.g. the window) before any work, not at the first slice

@@ -113,7 +113,8 @@ def load_model(config, prompt: str | None = None, default_num_classes: int | Non
         raise UserError(f"{path}: a plain SAM checkpoint segments only with prompts — set prompt=box or prompt=point")
     num_classes = config.num_classes or default_num_classes
     if num_classes is None:
-        raise UserError(f"{path}: a plain SAM checkpoint needs num_classes= (classes incl. background) or a labels.json beside the manifest")
+        raise UserError(f"{path}: a plain SAM checkpoint needs num_classes= (classes incl. background) or a "
+                        "labels.json beside the manifest")
     sam = load_sam(config.arch, path, image_size=config.image_size)
     model = SamSegmenter(sam, num_classes, prompt).eval()
     return LoadedModel(model, preprocessing(config), num_classes, prompt, [])

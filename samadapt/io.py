@@ -163,7 +163,8 @@ def sha256_file(path: str | os.PathLike, cache_dir: str | os.PathLike | None = N
     memo = (str(path), signature)
     if memo in _HASHES:
         return _HASHES[memo]
-    record = Path(cache_dir or cache_root()) / "hashes" / (hashlib.sha256(str(path).encode()).hexdigest()[:32] + ".json")
+    name = hashlib.sha256(str(path).encode()).hexdigest()[:32] + ".json"
+    record = Path(cache_dir or cache_root()) / "hashes" / name
     try:
         known = json.loads(record.read_text(encoding="utf-8"))
         if known["path"] == str(path) and tuple(known["signature"]) == signature:

@@ -29,7 +29,9 @@ _BLOCKS_SYNTAX = re.compile(r"all|last\d+|\d+(,\d+)*")
 @dataclass(kw_only=True)
 class ArchKeys:
     arch: Arch = key("vit_b", "SAM backbone: vit_b, vit_l, vit_h, vit_t (MobileSAM TinyViT), vit_tiny (tests)")
-    image_size: int = key(1024, "input size in px (256/512 resize pos-embed and rel-pos tables of the weights)", bounds="[16, 4096]")
+    image_size: int = key(
+        1024, "input size in px (256/512 resize pos-embed and rel-pos tables of the weights)", bounds="[16, 4096]"
+    )
 
 
 @dataclass(kw_only=True)
@@ -46,14 +48,20 @@ class SeedKeys:
 
 @dataclass(kw_only=True)
 class BatchKeys:
-    batch_size: int = key(2, "images (slices) per forward pass and process; in training per micro-batch", bounds="[1, inf)")
+    batch_size: int = key(
+        2, "images (slices) per forward pass and process; in training per micro-batch", bounds="[1, inf)"
+    )
 
 
 @dataclass(kw_only=True)
 class TrainKeys(SeedKeys, BatchKeys):
-    steps: int = key(1000, "optimiser steps (each = batch_size x grad_accumulation x processes images)", bounds="[1, inf)")
+    steps: int = key(
+        1000, "optimiser steps (each = batch_size x grad_accumulation x processes images)", bounds="[1, inf)"
+    )
     lr: float = key(1e-4, "peak learning rate (AdamW)", bounds="(0, 10]")
-    weight_decay: float = key(0.05, "AdamW weight decay (not applied to norms, biases, pos-embeddings)", bounds="[0, inf)")
+    weight_decay: float = key(
+        0.05, "AdamW weight decay (not applied to norms, biases, pos-embeddings)", bounds="[0, inf)"
+    )
     warmup_steps: int = key(0, "linear warm-up steps before the cosine decay", bounds="[0, inf)")
     max_grad_norm: float | None = key(1.0, "clip gradients to this norm; none = no clipping", bounds="(0, inf)")
     grad_accumulation: int = key(1, "micro-batches per optimiser step", bounds="[1, inf)")
@@ -119,7 +127,9 @@ class AdapterKeys:
 
 @dataclass(kw_only=True)
 class StrategyKeys:
-    encoder: Strategy = key("lora", "image encoder: frozen, full, lora or adapter (the prompt encoder is always frozen)")
+    encoder: Strategy = key(
+        "lora", "image encoder: frozen, full, lora or adapter (the prompt encoder is always frozen)"
+    )
     decoder: Strategy = key("full", "mask decoder: frozen, full, lora or adapter")
     lora: LoraKeys = group(LoraKeys, "LoRA (encoder/decoder=lora)")
     adapter: AdapterKeys = group(AdapterKeys, "bottleneck adapters (encoder/decoder=adapter)")
@@ -138,16 +148,22 @@ class SegmenterKeys(ModelKeys, StrategyKeys):
 class PromptKeys:
     """How box/point prompts are drawn from reference labels (training, validation, prompted evaluation)."""
 
-    box_jitter: float = key(0.1, "box prompts: random shift of each side, as a fraction of the box size", bounds="[0, 1]")
+    box_jitter: float = key(
+        0.1, "box prompts: random shift of each side, as a fraction of the box size", bounds="[0, 1]"
+    )
     num_points: int = key(1, "point prompts: positive points per class", bounds="[1, 64]")
     num_negative: int = key(0, "point prompts: negative points per class", bounds="[0, 64]")
 
 
-DataKeys = dataclasses.make_dataclass("DataKeys", [
-    ("split", str | None, key(None, "use only manifest rows of this split (train/val/test); none = all rows")),
-    ("cache_dir", str | None, key(None, "slice cache folder; none = $SAMADAPT_CACHE or ~/.cache/samadapt")),
-    *preprocessing_fields(exclude=("image_size",)),  # image_size is a model key (ArchKeys)
-], kw_only=True)
+DataKeys = dataclasses.make_dataclass(
+    "DataKeys",
+    [
+        ("split", str | None, key(None, "use only manifest rows of this split (train/val/test); none = all rows")),
+        ("cache_dir", str | None, key(None, "slice cache folder; none = $SAMADAPT_CACHE or ~/.cache/samadapt")),
+        *preprocessing_fields(exclude=("image_size",)),  # image_size is a model key (ArchKeys)
+    ],
+    kw_only=True,
+)
 DataKeys.__doc__ = "Which manifest rows to read and how volumes become slices (see samadapt.data)."
 
 

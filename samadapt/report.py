@@ -152,15 +152,18 @@ def compare_runs(eval_dirs: Sequence[str | Path], out_prefix: str | Path, names:
     eval_dirs = [Path(d) for d in eval_dirs]
     names = list(names) if names is not None else _default_names(eval_dirs)
     if len(names) != len(eval_dirs):
-        raise UserError(f"compare: {len(names)} names for {len(eval_dirs)} evaluation folders — give one name per folder")
+        raise UserError(f"compare: {len(names)} names for {len(eval_dirs)} evaluation folders — "
+                        "give one name per folder")
     summaries = [read_summary(d) for d in eval_dirs]
     tolerance = _common_tolerance(eval_dirs, summaries)
     if label_names is None:  # the names the evaluations recorded from their manifests' labels.json
         label_names = {k: v for s in summaries for k, v in (s.get("label_names") or {}).items()}
     label_names = {str(label): name for label, name in label_names.items()}
     # Classes by number; nnU-Net region keys such as "(1, 2)" (several labels scored as one) after them.
-    labels = sorted({label for s in summaries for label in s["mean"]},
-                    key=lambda label: (0, int(label), "") if label.lstrip("-").isdigit() else (1, 0, label))
+    labels = sorted(
+        {label for s in summaries for label in s["mean"]},
+        key=lambda label: (0, int(label), "") if label.lstrip("-").isdigit() else (1, 0, label),
+    )
 
     columns = score_columns(tolerance)
     # (run, eval_dir, label or "foreground", class shown to people, {score: mean}, cases, cases without HD95)
@@ -172,14 +175,27 @@ def compare_runs(eval_dirs: Sequence[str | Path], out_prefix: str | Path, names:
             if label in summary["mean"]:
                 shown = f"{label} ({label_names[label]})" if label in label_names else label
                 rows.append((name, eval_dir, label, shown, summary["mean"][label], cases, no_hd95[label]))
-        rows.append((name, eval_dir, FOREGROUND, "foreground mean", summary["foreground_mean"], cases,
-                     sum(no_hd95[label] for label in no_hd95 if label != "0")))
+        rows.append(
+            (
+                name,
+                eval_dir,
+                FOREGROUND,
+                "foreground mean",
+                summary["foreground_mean"],
+                cases,
+                sum(no_hd95[label] for label in no_hd95 if label != "0"),
+            )
+        )
 
     # The HD95 mean skips cases without a value (empty prediction or both empty): show how many it skipped.
-    markdown = [f"| run | class | cases | Dice | IoU | NSD ({tolerance:g} mm) | HD95 (mm) | HD95 n/a |",
-                "|---|---|---|---|---|---|---|---|"]
-    markdown += [f"| {run} | {shown} | {cases} | " + " | ".join(_shown(means.get(s), s) for s in SCORES)
-                 + f" | {missing} |" for run, _, _, shown, means, cases, missing in rows]
+    markdown = [
+        f"| run | class | cases | Dice | IoU | NSD ({tolerance:g} mm) | HD95 (mm) | HD95 n/a |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    markdown += [
+        f"| {run} | {shown} | {cases} | " + " | ".join(_shown(means.get(s), s) for s in SCORES) + f" | {missing} |"
+        for run, _, _, shown, means, cases, missing in rows
+    ]
     text = "\n".join(markdown) + "\n"
     write_text(Path(f"{out_prefix}.md"), text)
 
@@ -187,8 +203,9 @@ def compare_runs(eval_dirs: Sequence[str | Path], out_prefix: str | Path, names:
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["run", "eval_dir", "label", "label_name", "cases", *columns.values(), "hd95_missing"])
     for run, eval_dir, label, _, means, cases, missing in rows:
-        writer.writerow([run, eval_dir, label, label_names.get(label, ""), cases,
-                         *(_cell(means.get(s)) for s in SCORES), missing])
+        writer.writerow(
+            [run, eval_dir, label, label_names.get(label, ""), cases, *(_cell(means.get(s)) for s in SCORES), missing]
+        )
     write_text(Path(f"{out_prefix}.csv"), buffer.getvalue())
 
     _write_dice_bars(Path(f"{out_prefix}.png"), names, summaries, labels, label_names)
@@ -204,8 +221,11 @@ def read_summary(eval_dir: Path) -> dict:
         summary = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UserError(f"{path}: not valid JSON ({exc}) — rerun the evaluation") from None
-    if not isinstance(summary, dict) or not isinstance(summary.get("mean"), dict) \
-            or not isinstance(summary.get("foreground_mean"), dict):
+    if (
+        not isinstance(summary, dict)
+        or not isinstance(summary.get("mean"), dict)
+        or not isinstance(summary.get("foreground_mean"), dict)
+    ):
         raise UserError(f"{path}: no 'mean'/'foreground_mean' — not a samadapt evaluate summary")
     return summary
 
@@ -218,8 +238,9 @@ def _common_tolerance(eval_dirs: Sequence[Path], summaries: Sequence[dict]) -> f
     return tolerances.pop()
 
 
-def _write_dice_bars(path: Path, names: Sequence[str], summaries: Sequence[dict], labels: Sequence[str],
-                     label_names: Mapping[str, str]) -> None:
+def _write_dice_bars(
+    path: Path, names: Sequence[str], summaries: Sequence[dict], labels: Sequence[str], label_names: Mapping[str, str]
+) -> None:
     fig = Figure(figsize=(max(6.0, 1.5 + 0.35 * len(labels) * len(names)), 4.0), dpi=OVERLAY_DPI)
     ax = fig.subplots()
     width = 0.8 / len(names)

@@ -120,7 +120,8 @@ def begin_stage(stage: str, config: Any, **input_paths: str | os.PathLike | None
     inputs = input_record(**input_paths)
     out = Path(config.out)
     # Every process checks (all of them delete below); only rank 0 holds the lock for the run.
-    check_output(stage, out, [p for entry in inputs.values() if entry for p in (entry["path"], *entry.get("files", {}))])
+    input_files = [p for entry in inputs.values() if entry for p in (entry["path"], *entry.get("files", {}))]
+    check_output(stage, out, input_files)
     ensure_writable_dir(out)
     lock = hold_lock(out) if _is_main_process() else None
     (out / STAGE_OUTPUT).unlink(missing_ok=True)
@@ -173,15 +174,17 @@ def check_output(stage: str, out: Path, input_paths: list[str | os.PathLike] = (
         return
     owner = recorded_stage(out)
     if owner is not None and owner != stage:
-        raise UserError(f"{out}: out= holds the output of a {owner} stage — a {stage} there would overwrite it; "
-                        "choose another out=")
+        raise UserError(
+            f"{out}: out= holds the output of a {owner} stage — a {stage} there would overwrite it; choose another out="
+        )
     if owner is None and not is_samadapt_folder(out):
         # (a sibling rank's lock and temporaries may already be there)
         foreign = sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE and not is_temporary(p.name))
         if foreign:
             shown = ", ".join(foreign[:3]) + (", …" if len(foreign) > 3 else "")
-            raise UserError(f"{out}: out= already holds files samadapt did not write ({shown}) — choose a new "
-                            "or empty folder")
+            raise UserError(
+                f"{out}: out= already holds files samadapt did not write ({shown}) — choose a new or empty folder"
+            )
 
 
 def hold_lock(folder: Path) -> Any:
@@ -192,8 +195,10 @@ def hold_lock(folder: Path) -> Any:
     try:
         lock.acquire()
     except Timeout:
-        raise UserError(f"{folder}: another samadapt run is writing to this folder right now — wait for it to "
-                        "finish or choose another out=") from None
+        raise UserError(
+            f"{folder}: another samadapt run is writing to this folder right now — wait for it to "
+            "finish or choose another out="
+        ) from None
     return lock
 
 
@@ -264,14 +269,24 @@ def stage_folder_files(folder: Path) -> list[Path] | None:
     listed = read_json(record, "stage record").get("artifacts", {})
     names |= set(listed.values()) if isinstance(listed, dict) else set()
     entries = [folder / name for name in sorted(names)]
-    return [record, *(p for entry in entries if entry.exists()
-                      for p in ([entry] if entry.is_file() else sorted(entry.rglob("*"))) if p.is_file())]
+    return [
+        record,
+        *(
+            p
+            for entry in entries
+            if entry.exists()
+            for p in ([entry] if entry.is_file() else sorted(entry.rglob("*")))
+            if p.is_file()
+        ),
+    ]
 
 
 def inputs_unchanged(inputs: dict[str, dict[str, Any] | None]) -> bool:
     """Whether every recorded input still exists with the recorded sha256."""
-    return all(entry is None or (Path(entry["path"]).exists() and describe_input(entry["path"])["sha256"] == entry["sha256"])
-               for entry in inputs.values())
+    return all(
+        entry is None or (Path(entry["path"]).exists() and describe_input(entry["path"])["sha256"] == entry["sha256"])
+        for entry in inputs.values()
+    )
 
 
 def discard_states(out: Path) -> None:
@@ -297,16 +312,24 @@ def stage_status(stage: str, config: Any) -> str:
     return "run"
 
 
-def finish_stage(stage: str, config: Any, run: StageRun, artifacts: dict[str, str | os.PathLike],
-                 metrics: dict[str, Any]) -> StageOutput:
+def finish_stage(
+    stage: str, config: Any, run: StageRun, artifacts: dict[str, str | os.PathLike], metrics: dict[str, Any]
+) -> StageOutput:
     """Write ``stage_output.json`` (config, input hashes, artifacts relative to out, metrics, wall time)."""
     from samadapt.config import to_dict
 
     out = Path(config.out)
     relative = {name: os.path.relpath(path, out) for name, path in artifacts.items()}
-    write_stage_output(out, {
-        "stage": stage, "config": to_dict(config), "inputs": run.inputs, "artifacts": relative,
-        "metrics": metrics, "wall_time_s": round(time.time() - run.started, 2),
-    })
+    write_stage_output(
+        out,
+        {
+            "stage": stage,
+            "config": to_dict(config),
+            "inputs": run.inputs,
+            "artifacts": relative,
+            "metrics": metrics,
+            "wall_time_s": round(time.time() - run.started, 2),
+        },
+    )
     run.release()
     return StageOutput(stage=stage, out_dir=out, artifacts=relative, metrics=metrics)

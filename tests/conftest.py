@@ -32,17 +32,34 @@ def run_cli(*args: str, cwd: str | Path | None = None, timeout: float = 600, env
     result = subprocess.run([sys.executable, "-m", "samadapt", *map(str, args)], cwd=cwd, capture_output=True,
                             encoding="utf-8", timeout=timeout, env=full_env)
     if expect is not None:
-        assert result.returncode == expect, f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+        assert result.returncode == expect, (
+            f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+        )
     return result
 
 
 def launch_two_processes(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     """``accelerate launch`` of ``samadapt ARGS`` as 2 processes on the CPU (gloo); asserts exit code 0."""
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "-m", "samadapt", *map(str, args)]
-    result = subprocess.run(command, capture_output=True, encoding="utf-8", timeout=timeout,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "samadapt",
+        *map(str, args),
+    ]
+    result = subprocess.run(
+        command, capture_output=True, encoding="utf-8", timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -60,17 +77,34 @@ def losses(out: Path) -> dict[int, float]:
 
 def finetune_args(data: Path, checkpoint, out: Path, **extra) -> list[str]:
     """A tiny, fast ``samadapt finetune`` command line (LoRA encoder, full decoder, automatic masks)."""
-    keys = {"arch": "vit_tiny", "image_size": 256, "checkpoint": checkpoint, "data": data, "out": out,
-            "num_classes": 2, "steps": 16, "batch_size": 4, "lr": 1e-3, "warmup_steps": 0, "save_every": 8,
-            "val_every": 8, "log_every": 1, "encoder": "lora", "decoder": "full", "prompt": "none", **extra}
+    keys = {
+        "arch": "vit_tiny",
+        "image_size": 256,
+        "checkpoint": checkpoint,
+        "data": data,
+        "out": out,
+        "num_classes": 2,
+        "steps": 16,
+        "batch_size": 4,
+        "lr": 1e-3,
+        "warmup_steps": 0,
+        "save_every": 8,
+        "val_every": 8,
+        "log_every": 1,
+        "encoder": "lora",
+        "decoder": "full",
+        "prompt": "none",
+        **extra,
+    }
     return ["finetune", *(f"{k}={v}" for k, v in keys.items())]
 
 
 def kill_when(args: list, ready: Path, delay: float = 0.0, timeout: float = 300) -> None:
     """Start ``samadapt ARGS``, SIGKILL it ``delay`` seconds after ``ready`` exists (e.g. a saved training
     state), so the kill lands at an arbitrary point of the following steps, saves or validations."""
-    process = subprocess.Popen([sys.executable, "-m", "samadapt", *map(str, args)], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "samadapt", *map(str, args)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + timeout
     while not ready.exists():
         assert process.poll() is None, f"samadapt exited ({process.returncode}) before {ready} appeared"
@@ -107,8 +141,17 @@ def resample_to(source: Path, target: Path, spacing_mm: float, nearest: bool) ->
 
     image = sitk.ReadImage(str(source))
     size = [max(1, round(n * s / spacing_mm)) for n, s in zip(image.GetSize(), image.GetSpacing())]
-    resampled = sitk.Resample(image, size, sitk.Transform(), sitk.sitkNearestNeighbor if nearest else sitk.sitkLinear,
-                              image.GetOrigin(), [spacing_mm] * 3, image.GetDirection(), 0, image.GetPixelID())
+    resampled = sitk.Resample(
+        image,
+        size,
+        sitk.Transform(),
+        sitk.sitkNearestNeighbor if nearest else sitk.sitkLinear,
+        image.GetOrigin(),
+        [spacing_mm] * 3,
+        image.GetDirection(),
+        0,
+        image.GetPixelID(),
+    )
     sitk.WriteImage(resampled, str(target))
     return target
 
@@ -118,16 +161,23 @@ def small_manifests(demo_dir, tmp_path_factory) -> dict[str, Path]:
     """Manifests over small real volumes, for fast stage tests: ssl = MNI152 T1 at 2 mm (unlabeled);
     brain = train MNI152 2 mm, val/test Colin27 (another subject) resampled to 2.5 mm."""
     folder = tmp_path_factory.mktemp("manifests")
-    mni = {"image": str(demo_dir / "tpl-MNI152NLin6Asym_res-02_T1w.nii.gz"),
-           "label": str(demo_dir / "tpl-MNI152NLin6Asym_res-02_desc-brain_mask.nii.gz")}
-    colin = {"image": str(resample_to(demo_dir / "ch2.nii.gz", folder / "colin27.nii.gz", 2.5, nearest=False)),
-             "label": str(resample_to(demo_dir / "ch2_brain_mask.nii.gz", folder / "colin27_mask.nii.gz", 2.5,
-                                      nearest=True))}
+    mni = {
+        "image": str(demo_dir / "tpl-MNI152NLin6Asym_res-02_T1w.nii.gz"),
+        "label": str(demo_dir / "tpl-MNI152NLin6Asym_res-02_desc-brain_mask.nii.gz"),
+    }
+    colin = {
+        "image": str(resample_to(demo_dir / "ch2.nii.gz", folder / "colin27.nii.gz", 2.5, nearest=False)),
+        "label": str(
+            resample_to(demo_dir / "ch2_brain_mask.nii.gz", folder / "colin27_mask.nii.gz", 2.5, nearest=True)
+        ),
+    }
     rows = {
         "ssl": [{"id": "mni2mm", "image": mni["image"], "label": "", "modality": "MR", "split": "train"}],
-        "brain": [{"id": "mni2mm", **mni, "modality": "MR", "split": "train"},
-                  {"id": "colin27", **colin, "modality": "MR", "split": "val"},
-                  {"id": "colin27_test", **colin, "modality": "MR", "split": "test"}],
+        "brain": [
+            {"id": "mni2mm", **mni, "modality": "MR", "split": "train"},
+            {"id": "colin27", **colin, "modality": "MR", "split": "val"},
+            {"id": "colin27_test", **colin, "modality": "MR", "split": "test"},
+        ],
     }
     paths = {}
     for name, entries in rows.items():
@@ -146,5 +196,6 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     from samadapt.models.registry import build_sam
 
     torch.manual_seed(7)
-    return save_sam_checkpoint(build_sam("vit_tiny", 256), "vit_tiny",
-                               tmp_path_factory.mktemp("checkpoints") / "sam_vit_tiny_random.pth")
+    return save_sam_checkpoint(
+        build_sam("vit_tiny", 256), "vit_tiny", tmp_path_factory.mktemp("checkpoints") / "sam_vit_tiny_random.pth"
+    )

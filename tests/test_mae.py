@@ -145,7 +145,8 @@ def test_window_layout_geometry():
     assert layout.valid.sum() == 64 * 64
     small = WindowLayout(16, 14)
     assert small.valid.sum(dim=1).tolist() == [196, 28, 28, 4]
-    assert (small.rows[3][small.valid[3]].tolist(), small.cols[3][small.valid[3]].tolist()) == ([14, 14, 15, 15], [14, 15, 14, 15])
+    corner = (small.rows[3][small.valid[3]].tolist(), small.cols[3][small.valid[3]].tolist())
+    assert corner == ([14, 14, 15, 15], [14, 15, 14, 15])
 
 
 def test_mask_ratio_is_honoured_in_window_units_and_patches():

@@ -147,7 +147,8 @@ def test_prompted_labels_take_the_best_prompted_class_above_half():
     assert segmenter.predict_labels(logits, present).tolist() == [[[1, 0, 3]]]
     probabilities = segmenter.probabilities(logits, present)
     assert probabilities[0, 2].max() == 0  # absent class
-    torch.testing.assert_close(probabilities[0, 0, 0, 1], 1 - torch.sigmoid(torch.tensor(-1.0)))  # 1 - best prompted sigmoid
+    # 1 - the best prompted sigmoid
+    torch.testing.assert_close(probabilities[0, 0, 0, 1], 1 - torch.sigmoid(torch.tensor(-1.0)))
 
 
 def test_loss_uses_only_prompted_classes_and_supports_class_weights():

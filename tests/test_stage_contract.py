@@ -39,7 +39,9 @@ def _imports(path: Path, modules: dict[str, Path], top_level_only: bool) -> list
             found += [(node.lineno, alias.name) for alias in node.names if alias.name.startswith("samadapt")]
         elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("samadapt"):
             found.append((node.lineno, node.module))
-            found += [(node.lineno, f"{node.module}.{a.name}") for a in node.names if f"{node.module}.{a.name}" in modules]
+            found += [
+                (node.lineno, f"{node.module}.{a.name}") for a in node.names if f"{node.module}.{a.name}" in modules
+            ]
     return [(line, name) for line, name in found if name in modules]
 
 
@@ -58,8 +60,10 @@ def test_stage_folders_import_only_the_core():
 
 def test_no_file_level_import_circle():
     modules = _modules()
-    graph = {name: {i for _, i in _imports(path, modules, top_level_only=True) if i != name}
-             for name, path in modules.items()}
+    graph = {
+        name: {i for _, i in _imports(path, modules, top_level_only=True) if i != name}
+        for name, path in modules.items()
+    }
     state: dict[str, str] = {}
     cycles = []
 
@@ -67,7 +71,7 @@ def test_no_file_level_import_circle():
         if state.get(name) == "done":
             return
         if state.get(name) == "open":
-            cycles.append(" -> ".join(chain[chain.index(name):] + [name]))
+            cycles.append(" -> ".join(chain[chain.index(name) :] + [name]))
             return
         state[name] = "open"
         for dep in sorted(graph[name]):
@@ -83,16 +87,24 @@ def _string_constants(path: Path) -> list[tuple[int, str]]:
     """String literals of ``path`` that are code: not docstrings, and not an artifact's registry key
     (``SPEC.path(out, "predictions")``, ``SPEC.artifacts["summary"]``), which may equal its file name."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
-    skipped = {id(node.body[0].value) for node in ast.walk(tree)
-               if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
-               and node.body and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+    skipped = {
+        id(node.body[0].value)
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+        and node.body
+        and isinstance(node.body[0], ast.Expr)
+        and isinstance(node.body[0].value, ast.Constant)
+    }
     for node in ast.walk(tree):
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "path":
             skipped |= {id(arg) for arg in node.args[1:]}
         if isinstance(node, ast.Subscript) and isinstance(node.value, ast.Attribute) and node.value.attr == "artifacts":
             skipped.add(id(node.slice))
-    return [(node.lineno, node.value) for node in ast.walk(tree)
-            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in skipped]
+    return [
+        (node.lineno, node.value)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in skipped
+    ]
 
 
 def test_each_artifact_name_and_the_state_layout_are_spelled_in_one_place():
@@ -116,6 +128,7 @@ def test_each_artifact_name_and_the_state_layout_are_spelled_in_one_place():
 
 # --- a real finetune folder: its hash and its recorded config -------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def finetuned(tmp_path_factory) -> Path:
     """A one-step automatic-mode fine-tune from a random SAM (so the folder holds base_sam.safetensors)."""
@@ -130,13 +143,26 @@ def finetuned(tmp_path_factory) -> Path:
     image[label > 0] += 200
     nib.save(nib.Nifti1Image(image, np.eye(4)), str(d / "img.nii.gz"))
     nib.save(nib.Nifti1Image(label, np.eye(4)), str(d / "lab.nii.gz"))
-    rows = [{"id": i, "image": "img.nii.gz", "label": "lab.nii.gz", "modality": "MR", "split": s}
-            for i, s in (("a", "train"), ("b", "test"))]
+    rows = [
+        {"id": i, "image": "img.nii.gz", "label": "lab.nii.gz", "modality": "MR", "split": s}
+        for i, s in (("a", "train"), ("b", "test"))
+    ]
     (d / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     out = d / "finetune"
-    run_cli("finetune", f"data={d / 'm.jsonl'}", f"out={out}", "num_classes=2", "steps=1", "val_split=none",
-            f"cache_dir={d / 'cache'}", "encoder=frozen", "embedding_cache=false", "batch_size=1",
-            "arch=vit_tiny", "image_size=256")
+    run_cli(
+        "finetune",
+        f"data={d / 'm.jsonl'}",
+        f"out={out}",
+        "num_classes=2",
+        "steps=1",
+        "val_split=none",
+        f"cache_dir={d / 'cache'}",
+        "encoder=frozen",
+        "embedding_cache=false",
+        "batch_size=1",
+        "arch=vit_tiny",
+        "image_size=256",
+    )
     return out
 
 
@@ -150,9 +176,16 @@ def test_changing_the_base_weights_makes_a_downstream_stage_rerun(finetuned, tmp
     assert base.is_file()
     config = EvaluateConfig(model=str(finetuned), data=str(finetuned.parent / "m.jsonl"), out=tmp_path / "eval")
     config.out.mkdir()
-    (config.out / STAGE_OUTPUT).write_text(json.dumps({
-        "stage": "evaluate", "config": json.loads(json.dumps(config.__dict__, default=str)),
-        "inputs": {"model": describe_input(finetuned)}}), encoding="utf-8")
+    (config.out / STAGE_OUTPUT).write_text(
+        json.dumps(
+            {
+                "stage": "evaluate",
+                "config": json.loads(json.dumps(config.__dict__, default=str)),
+                "inputs": {"model": describe_input(finetuned)},
+            }
+        ),
+        encoding="utf-8",
+    )
     assert stage_status("evaluate", config) == "up to date"
     saved = base.read_bytes()
     try:
@@ -173,8 +206,7 @@ def test_a_folder_recorded_before_a_key_existed_still_evaluates(finetuned, tmp_p
     try:
         record_path.write_text(json.dumps(record), encoding="utf-8")
         data = finetuned.parent / "m.jsonl"
-        result = run_cli("evaluate", f"model={finetuned}", f"data={data}", f"out={tmp_path / 'eval'}",
-                         "overlays=false")
+        result = run_cli("evaluate", f"model={finetuned}", f"data={data}", f"out={tmp_path / 'eval'}", "overlays=false")
         assert "foreground mean Dice" in result.stdout
         record["config"]["num_classes"] = "two"
         record_path.write_text(json.dumps(record), encoding="utf-8")

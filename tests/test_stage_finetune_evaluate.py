@@ -240,8 +240,9 @@ def test_two_process_evaluation_splits_cases_and_gathers_each_once(finetuned, sm
     for source, name in ((image, "crop.nii.gz"), (label, "crop_mask.nii.gz")):
         nib.save(source.slicer[crop], tmp_path / name)
     with open(manifest, "a", encoding="utf-8") as handle:
-        handle.write(json.dumps({"id": "crop", "image": str(tmp_path / "crop.nii.gz"),
-                                 "label": str(tmp_path / "crop_mask.nii.gz"), "modality": "MR", "split": "test"}) + "\n")
+        row = {"id": "crop", "image": str(tmp_path / "crop.nii.gz"), "label": str(tmp_path / "crop_mask.nii.gz"),
+               "modality": "MR", "split": "test"}
+        handle.write(json.dumps(row) + "\n")
     out = tmp_path / "ev2"
     launch_two_processes("evaluate", f"model={finetuned}", f"data={manifest}", f"out={out}", "overlays=false")
     summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))

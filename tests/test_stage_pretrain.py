@@ -104,13 +104,16 @@ def test_pretrain_refuses_a_checkpoint_of_another_arch(small_manifests, tiny_che
 
 def test_pretrain_refuses_a_labeled_manifest_without_images(tmp_path, small_manifests, tiny_checkpoint):
     manifest = tmp_path / "bad.jsonl"
-    manifest.write_text(json.dumps({"id": "a", "image": "missing.nii.gz", "modality": "MR", "split": "train"}) + "\n", encoding="utf-8")
+    manifest.write_text(
+        json.dumps({"id": "a", "image": "missing.nii.gz", "modality": "MR", "split": "train"}) + "\n", encoding="utf-8"
+    )
     result = run_cli(*pretrain_args({"ssl": manifest}, tiny_checkpoint, tmp_path / "y"), expect=None)
     assert_one_line_error(result, "missing.nii.gz")
 
 
-@pytest.mark.parametrize("override, fragment", [("mask_ratio=1.5", "mask_ratio"),
-                                                ("skip_empty=1.0", "no usable slices")])
+@pytest.mark.parametrize(
+    "override, fragment", [("mask_ratio=1.5", "mask_ratio"), ("skip_empty=1.0", "no usable slices")]
+)
 def test_pretrain_bad_settings_are_one_line_errors(small_manifests, tiny_checkpoint, tmp_path, override, fragment):
     key, value = override.split("=")
     result = run_cli(*pretrain_args(small_manifests, tiny_checkpoint, tmp_path / "z", **{key: value}), expect=None)
@@ -128,14 +131,31 @@ def test_vit_b_pretrain_export_loads_in_stock_segment_anything(small_manifests, 
     torch.manual_seed(3)
     base = save_sam_checkpoint(build_sam("vit_b"), "vit_b", tmp_path / "sam_vit_b_random.pth")
     out = tmp_path / "vit_b"
-    run_cli(*pretrain_args(small_manifests, base, out, arch="vit_b", image_size=64, steps=2, batch_size=2,
-                           save_every=100, preview_every=0, decoder_dim=64, decoder_depth=1))
+    run_cli(
+        *pretrain_args(
+            small_manifests,
+            base,
+            out,
+            arch="vit_b",
+            image_size=64,
+            steps=2,
+            batch_size=2,
+            save_every=100,
+            preview_every=0,
+            decoder_dim=64,
+            decoder_depth=1,
+        )
+    )
     stock = sam_model_registry["vit_b"](checkpoint=str(out / "sam_checkpoint.pth"))
     exported = stock.state_dict()
     before = sam_state(base)
     assert exported["image_encoder.pos_embed"].shape == (1, 64, 64, 768)
-    assert not torch.equal(exported["image_encoder.blocks.0.attn.qkv.weight"], before["image_encoder.blocks.0.attn.qkv.weight"])
-    assert all(torch.equal(exported[k], before[k]) for k in before if k.startswith(("prompt_encoder.", "mask_decoder.")))
+    assert not torch.equal(
+        exported["image_encoder.blocks.0.attn.qkv.weight"], before["image_encoder.blocks.0.attn.qkv.weight"]
+    )
+    assert all(
+        torch.equal(exported[k], before[k]) for k in before if k.startswith(("prompt_encoder.", "mask_decoder."))
+    )
     # The same SAM at the trained 64 px: loads at 64 px with the trained encoder exactly (no resampling).
     from samadapt.models.checkpoints import load_safetensors, load_sam
 
@@ -157,8 +177,8 @@ def test_layer_wise_lr_decay_scales_each_encoder_block():
     decay = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
     named = dict(mae.named_parameters())
     assert scale[id(named["encoder.blocks.3.attn.qkv.weight"])] == 0.5  # the last of 4 blocks
-    assert scale[id(named["encoder.blocks.0.attn.qkv.weight"])] == 0.5 ** 4
-    assert scale[id(named["encoder.patch_embed.proj.weight"])] == 0.5 ** 5
+    assert scale[id(named["encoder.blocks.0.attn.qkv.weight"])] == 0.5**4
+    assert scale[id(named["encoder.patch_embed.proj.weight"])] == 0.5**5
     assert scale[id(named["decoder_pred.weight"])] == 1.0  # the MAE decoder learns at the full rate
     assert decay[id(named["encoder.blocks.0.norm1.weight"])] == 0.0 and decay[id(named["encoder.pos_embed"])] == 0.0
     assert decay[id(named["encoder.blocks.0.attn.qkv.weight"])] == 0.05

@@ -54,7 +54,9 @@ def run(model: SamSegmenter, x: torch.Tensor) -> torch.Tensor:
 
 def loss(model: SamSegmenter, seed: int) -> torch.Tensor:
     x = images(seed=seed)
-    labels = torch.randint(0, model.num_classes, (len(x), IMAGE_SIZE, IMAGE_SIZE), generator=torch.Generator().manual_seed(seed))
+    labels = torch.randint(
+        0, model.num_classes, (len(x), IMAGE_SIZE, IMAGE_SIZE), generator=torch.Generator().manual_seed(seed)
+    )
     present = torch.ones(len(x), model.num_classes - 1, dtype=torch.bool)
     return model.loss_fn(run(model, x), labels, present)
 
@@ -113,8 +115,11 @@ def test_only_intended_parameters_change(encoder: str, decoder: str) -> None:
         assert any(k.startswith("bottleneck_adapters." + part) for k in before) == (strategy == "adapter")
     assert not any(k.startswith("sam.prompt_encoder.") for k in moved)
     # so that every encoder weight is checked: the forward uses all of them
-    assert all(k.replace(".base_layer.", ".") in used_parameters() for k in before
-               if k.startswith("sam.image_encoder.") and not is_lora_param(k))
+    assert all(
+        k.replace(".base_layer.", ".") in used_parameters()
+        for k in before
+        if k.startswith("sam.image_encoder.") and not is_lora_param(k)
+    )
 
 
 def lora_layers(model: nn.Module) -> set[str]:
@@ -131,7 +136,9 @@ def test_lora_targets_are_anchored_and_follow_blocks() -> None:
     encoder_layers = {n for n in lora_layers(model) if n.startswith("sam.image_encoder")}
     assert encoder_layers == {f"sam.image_encoder.blocks.{i}.mlp.{n}" for i in (2, 3) for n in ("lin1", "lin2")}
     decoder_layers = {n for n in lora_layers(model) if n.startswith("sam.mask_decoder")}
-    assert decoder_layers == {f"sam.mask_decoder.transformer.layers.{i}.mlp.{n}" for i in (0, 1) for n in ("lin1", "lin2")}
+    assert decoder_layers == {
+        f"sam.mask_decoder.transformer.layers.{i}.mlp.{n}" for i in (0, 1) for n in ("lin1", "lin2")
+    }
 
 
 @pytest.mark.parametrize(
@@ -152,7 +159,13 @@ def test_bad_lora_settings_are_user_errors(encoder: str, decoder: str, lora: Lor
 def test_bad_key_values_fail_at_config_time() -> None:
     from samadapt.config import build
 
-    for values in ({"rank": 0}, {"dropout": 1.0}, {"dropout": float("nan")}, {"blocks": "first2"}, {"targets": "qkv,("}):
+    for values in (
+        {"rank": 0},
+        {"dropout": 1.0},
+        {"dropout": float("nan")},
+        {"blocks": "first2"},
+        {"targets": "qkv,("},
+    ):
         with pytest.raises(UserError):
             build(LoraKeys, values)
 
@@ -173,8 +186,11 @@ def test_adapters_start_as_identity(arch: str) -> None:
 def test_lora_on_tinyvit_uses_its_layer_names() -> None:
     model = base_model(arch="vit_t")
     apply_strategy(model, "lora", "frozen", LoraKeys(targets="qkv,mlp", blocks="last3"), AdapterKeys())
-    expected = {f"sam.image_encoder.{b}.{n}" for b in ("layers.2.blocks.5", "layers.3.blocks.0", "layers.3.blocks.1")
-                for n in ("attn.qkv", "mlp.fc1", "mlp.fc2")}
+    expected = {
+        f"sam.image_encoder.{b}.{n}"
+        for b in ("layers.2.blocks.5", "layers.3.blocks.0", "layers.3.blocks.1")
+        for n in ("attn.qkv", "mlp.fc1", "mlp.fc2")
+    }
     assert lora_layers(model) == expected
 
 
@@ -257,13 +273,20 @@ def test_merge_refuses_modules_plain_sam_cannot_hold() -> None:
 
 @pytest.mark.parametrize(
     "arch,depth",
-    [("vit_b", 12), pytest.param("vit_l", 24, marks=pytest.mark.slow), pytest.param("vit_h", 32, marks=pytest.mark.slow)],
+    [
+        ("vit_b", 12),
+        pytest.param("vit_l", 24, marks=pytest.mark.slow),
+        pytest.param("vit_h", 32, marks=pytest.mark.slow),
+    ],
 )
 def test_large_archs_get_lora_and_adapters_per_block(arch: str, depth: int) -> None:
-    lora_model = apply_strategy(SamSegmenter(build_sam(arch, IMAGE_SIZE), 2, "box"), "lora", "frozen",
-                                LoraKeys(blocks="last4"), AdapterKeys())
-    assert lora_layers(lora_model) == {f"sam.image_encoder.blocks.{i}.attn.{n}"
-                                       for i in range(depth - 4, depth) for n in ("qkv", "proj")}
-    adapted = apply_strategy(SamSegmenter(build_sam(arch, IMAGE_SIZE), 2, "box"), "adapter", "frozen",
-                             LoraKeys(), AdapterKeys())
+    lora_model = apply_strategy(
+        SamSegmenter(build_sam(arch, IMAGE_SIZE), 2, "box"), "lora", "frozen", LoraKeys(blocks="last4"), AdapterKeys()
+    )
+    assert lora_layers(lora_model) == {
+        f"sam.image_encoder.blocks.{i}.attn.{n}" for i in range(depth - 4, depth) for n in ("qkv", "proj")
+    }
+    adapted = apply_strategy(
+        SamSegmenter(build_sam(arch, IMAGE_SIZE), 2, "box"), "adapter", "frozen", LoraKeys(), AdapterKeys()
+    )
     assert len(adapted.bottleneck_adapters.image_encoder) == depth

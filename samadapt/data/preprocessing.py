@@ -21,23 +21,37 @@ PLANES: tuple[str, ...] = get_args(Plane)
 
 @dataclass(frozen=True)
 class Preprocessing:
-    image_size: int = field(default=1024, metadata={"help": "side of the square model input in px", "bounds": "[16, 4096]"})
+    image_size: int = field(
+        default=1024, metadata={"help": "side of the square model input in px", "bounds": "[16, 4096]"}
+    )
     plane: Literal[Plane, "all"] = field(
-        default="axial", metadata={"help": "slicing plane after reorienting to LPS (all = every plane, SSL)"})
+        default="axial", metadata={"help": "slicing plane after reorienting to LPS (all = every plane, SSL)"}
+    )
     spacing: float | None = field(
-        default=None, metadata={"help": "in-plane pixel size in mm to resample to; none = fit the slice to image_size",
-                                # finer than 0.05 mm a 25 cm slice is > 5000 px a side before it is cropped
-                                "bounds": "[0.05, 50]"})
+        default=None,
+        metadata={
+            "help": "in-plane pixel size in mm to resample to; none = fit the slice to image_size",
+            # finer than 0.05 mm a 25 cm slice is > 5000 px a side before it is cropped
+            "bounds": "[0.05, 50]",
+        },
+    )
     window: str | None = field(
-        default=None, metadata={"help": "intensity window: soft_tissue, lung, bone, brain or 'W,L' (HU); "
-                                         "none = modality default (CT soft_tissue, MR percentiles)"})
-    channel: int | None = field(default=None, metadata={"help": "volume to use from 4D / multi-channel images",
-                                                        "bounds": "[0, inf)"})
+        default=None,
+        metadata={
+            "help": "intensity window: soft_tissue, lung, bone, brain or 'W,L' (HU); "
+            "none = modality default (CT soft_tissue, MR percentiles)"
+        },
+    )
+    channel: int | None = field(
+        default=None, metadata={"help": "volume to use from 4D / multi-channel images", "bounds": "[0, inf)"}
+    )
     mr_foreground: Literal["otsu", "nonzero"] = field(
-        default="otsu", metadata={"help": "MR voxels whose 0.5-99.5 percentiles set the scale: Otsu head mask "
-                                          "or non-zero voxels"})
+        default="otsu",
+        metadata={"help": "MR voxels whose 0.5-99.5 percentiles set the scale: Otsu head mask or non-zero voxels"},
+    )
     resample_labels: bool = field(
-        default=False, metadata={"help": "resample labels whose geometry differs from the image (nearest)"})
+        default=False, metadata={"help": "resample labels whose geometry differs from the image (nearest)"}
+    )
 
     def __post_init__(self) -> None:
         from samadapt.config import check_bounds
@@ -65,5 +79,8 @@ def preprocessing_fields(include: tuple[str, ...] = (), exclude: tuple[str, ...]
     """Preprocessing's fields as ``(name, type, field)`` for ``dataclasses.make_dataclass``: how a command's
     config declares these keys without repeating them (``include`` = only those; ``exclude`` = all but those)."""
     hints = get_type_hints(Preprocessing)
-    return [(f.name, hints[f.name], field(default=f.default, metadata=f.metadata)) for f in dataclasses.fields(Preprocessing)
-            if (not include or f.name in include) and f.name not in exclude]
+    return [
+        (f.name, hints[f.name], field(default=f.default, metadata=f.metadata))
+        for f in dataclasses.fields(Preprocessing)
+        if (not include or f.name in include) and f.name not in exclude
+    ]

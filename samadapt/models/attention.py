@@ -56,22 +56,32 @@ class ChunkedAttention(nn.Module):
         outputs = []
         for start in range(0, tokens, self.chunk):
             rows = slice(start, start + self.chunk)
-            args = (q[:, rows], k, v, None if rel_h is None else rel_h[:, rows], None if rel_w is None else rel_w[:, rows],
-                    height, width, self.scale)
+            args = (
+                q[:, rows],
+                k,
+                v,
+                None if rel_h is None else rel_h[:, rows],
+                None if rel_w is None else rel_w[:, rows],
+                height,
+                width,
+                self.scale,
+            )
             outputs.append(checkpoint(_attend, *args, use_reentrant=False) if recompute else _attend(*args))
         attended = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
         attended = attended.view(batch, self.num_heads, height, width, -1).permute(0, 2, 3, 1, 4)
         return self.proj(attended.reshape(batch, height, width, -1))
 
 
-def _attend(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor | None, rel_w: Tensor | None, height: int, width: int,
-            scale: float) -> Tensor:
+def _attend(
+    q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor | None, rel_w: Tensor | None, height: int, width: int, scale: float
+) -> Tensor:
     """q: b x n x d query rows, k/v: b x N x d, rel_h: b x n x H, rel_w: b x n x W → b x n x d."""
     attn = (q * scale) @ k.transpose(-2, -1)
     if rel_h is not None:
         rows = attn.shape[1]
         attn = (attn.view(-1, rows, height, width) + rel_h[:, :, :, None] + rel_w[:, :, None, :]).view(
-            -1, rows, height * width)
+            -1, rows, height * width
+        )
     return attn.softmax(dim=-1) @ v
 
 

@@ -106,7 +106,9 @@ def load_finetuned(base_model: nn.Module, out_dir: str | os.PathLike, strategy: 
 def _load_lora(peft_sam: PeftModel, adapter_dir: Path) -> None:
     config_path, weights_path = adapter_dir / "adapter_config.json", adapter_dir / "adapter_model.safetensors"
     if not (config_path.is_file() and weights_path.is_file()):
-        raise UserError(f"{adapter_dir}: no peft adapter_config.json + adapter_model.safetensors — trained without LoRA?")
+        raise UserError(
+            f"{adapter_dir}: no peft adapter_config.json + adapter_model.safetensors — trained without LoRA?"
+        )
     saved = json.loads(config_path.read_text(encoding="utf-8"))
     config = peft_sam.peft_config["default"]
     for field in ("r", "lora_alpha", "target_modules"):
@@ -169,8 +171,10 @@ def load_finetune_output(model_dir: str | Path) -> FinetunedModel:
     model_dir = Path(model_dir)
     record = read_stage_output(model_dir)
     if record.get("stage") != "finetune":
-        raise UserError(f"{model_dir}: a {record.get('stage')} output, not a finetune output — "
-                        "pass a finetune folder or a SAM checkpoint as model=")
+        raise UserError(
+            f"{model_dir}: a {record.get('stage')} output, not a finetune output — "
+            "pass a finetune folder or a SAM checkpoint as model="
+        )
     source = model_dir / STAGE_OUTPUT
     keys = from_record(SegmenterKeys, record.get("config"), source)
     prep = from_record(Preprocessing, record.get("config"), source)

@@ -7,7 +7,9 @@ from segment_anything.modeling import ImageEncoderViT
 from torch.utils.checkpoint import checkpoint
 
 
-def encode_images(image_encoder: torch.nn.Module, images: torch.Tensor, grad_checkpointing: bool = False) -> torch.Tensor:
+def encode_images(
+    image_encoder: torch.nn.Module, images: torch.Tensor, grad_checkpointing: bool = False
+) -> torch.Tensor:
     """images: B x 3 x S x S, pixel-normalised → image embeddings B x 256 x S/16 x S/16.
 
     For segment_anything's ``ImageEncoderViT`` this is ``ImageEncoderViT.forward`` written out block by

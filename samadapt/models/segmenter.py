@@ -63,7 +63,9 @@ class SamSegmenter(nn.Module):
     grad_checkpointing: recompute the image encoder's blocks in backward (see ``encode_images``).
     """
 
-    def __init__(self, sam: nn.Module, num_classes: int, prompt: str = "none", grad_checkpointing: bool = False) -> None:
+    def __init__(
+        self, sam: nn.Module, num_classes: int, prompt: str = "none", grad_checkpointing: bool = False
+    ) -> None:
         super().__init__()
         if num_classes < 2:
             raise UserError(f"num_classes={num_classes}: must be at least 2 (background + one class)")
@@ -93,7 +95,10 @@ class SamSegmenter(nn.Module):
         return encode_images(self.sam.image_encoder, images, self.grad_checkpointing)
 
     def forward(
-        self, images: torch.Tensor | None = None, prompts: Prompts | None = None, *,
+        self,
+        images: torch.Tensor | None = None,
+        prompts: Prompts | None = None,
+        *,
         embeddings: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """images: B x 3 x S x S → logits B x C x S x S (see the module docstring for C).
@@ -164,8 +169,10 @@ class SamSegmenter(nn.Module):
         counts = present.sum(1).tolist()
         masks = [  # rows of present.nonzero(): image by image, classes in order
             decoder(
-                image_embeddings=embeddings[image : image + 1], image_pe=image_pe,
-                sparse_prompt_embeddings=image_sparse, dense_prompt_embeddings=image_dense,
+                image_embeddings=embeddings[image : image + 1],
+                image_pe=image_pe,
+                sparse_prompt_embeddings=image_sparse,
+                dense_prompt_embeddings=image_dense,
                 multimask_output=False,
             )[0][:, 0]
             for image, (image_sparse, image_dense) in enumerate(zip(sparse.split(counts), dense.split(counts)))
@@ -220,7 +227,10 @@ class SamSegmenter(nn.Module):
         return logits.masked_fill(~present[..., None, None], ABSENT_LOGIT)
 
     def loss_fn(
-        self, logits: torch.Tensor, labels: torch.Tensor, present: torch.Tensor | None = None,
+        self,
+        logits: torch.Tensor,
+        labels: torch.Tensor,
+        present: torch.Tensor | None = None,
         class_weights: Sequence[float] | None = None,
     ) -> torch.Tensor:
         """MONAI ``DiceCELoss`` under this mode's convention (module docstring) → scalar.
@@ -232,7 +242,11 @@ class SamSegmenter(nn.Module):
         if class_weights is not None and self.sigmoid:
             raise UserError("class_weights needs prompt=none and num_classes > 2 (softmax) — drop class_weights")
         if not self.sigmoid:
-            weight = None if class_weights is None else torch.as_tensor(class_weights, dtype=logits.dtype, device=logits.device)
+            weight = (
+                None
+                if class_weights is None
+                else torch.as_tensor(class_weights, dtype=logits.dtype, device=logits.device)
+            )
             return DiceCELoss(softmax=True, to_onehot_y=True, weight=weight)(logits, labels.unsqueeze(1))
         if self.prompt == "none":
             return DiceCELoss(sigmoid=True)(logits, (labels > 0).unsqueeze(1).to(logits.dtype))
