@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from samadapt.config import key, required, with_defaults
-from samadapt.keys import ArchKeys, BatchKeys, DataKeys, PromptKeys, PromptMode, SeedKeys, preprocessing
+from samadapt.keys import ArchKeys, BatchKeys, DataKeys, PromptKeys, PromptMode, SeedKeys, check_slicing
 
 
 @dataclass(kw_only=True)
@@ -24,12 +24,7 @@ class InferenceKeys(ArchKeys, DataKeys, SeedKeys, with_defaults(BatchKeys, batch
     )
 
     def __post_init__(self) -> None:
-        preprocessing(self)  # its own checks (e.g. the window) before any work, not at the first slice
-        if self.plane == "all":
-            raise ValueError(
-                "plane=all is for pretraining; a model segments one plane — use the plane it was "
-                "trained on (axial, coronal or sagittal)"
-            )
+        check_slicing(self, one_plane=True)
 
 
 @dataclass(kw_only=True)

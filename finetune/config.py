@@ -7,7 +7,7 @@ from pathlib import Path
 
 from samadapt.config import group, key, required
 from samadapt.data.augment import AugmentConfig
-from samadapt.keys import DataKeys, PromptKeys, SegmenterKeys, TrainKeys, preprocessing
+from samadapt.keys import DataKeys, PromptKeys, SegmenterKeys, TrainKeys, check_slicing
 
 
 @dataclass(kw_only=True)
@@ -37,12 +37,7 @@ class FinetuneConfig(SegmenterKeys, DataKeys, TrainKeys, PromptKeys):
     eval_batch_size: int = key(8, "slices per forward pass in validation", bounds="[1, inf)")
 
     def __post_init__(self) -> None:
-        preprocessing(self)  # its own checks (e.g. the window) before any work, not at the first slice
-        if self.plane == "all":
-            raise ValueError(
-                "plane=all is for pretraining (SSL on every plane); fine-tuning trains and validates on "
-                "one plane — set plane=axial, coronal or sagittal"
-            )
+        check_slicing(self, one_plane=True)
         if self.class_weights is not None:
             weights = self.class_weights.split(",")
             if len(weights) != self.num_classes:

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Literal
 
 from samadapt.config import key, required, with_defaults
-from samadapt.keys import DataKeys, ModelKeys, TrainKeys, preprocessing
+from samadapt.keys import DataKeys, ModelKeys, TrainKeys, check_slicing
 
 Variant = Literal["drop", "mask_token"]
 
@@ -32,4 +32,4 @@ class PretrainConfig(
     )
 
     def __post_init__(self) -> None:
-        preprocessing(self)  # its own checks (e.g. the window) before any work, not at the first slice
+        check_slicing(self, one_plane=False)

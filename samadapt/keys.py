@@ -167,6 +167,15 @@ DataKeys = dataclasses.make_dataclass(
 DataKeys.__doc__ = "Which manifest rows to read and how volumes become slices (see samadapt.data)."
 
 
+def check_slicing(config: Any, one_plane: bool) -> None:
+    """The preprocessing keys' own checks (e.g. the window) when the config is built, not at the first slice; a
+    model trains, validates and segments one plane (``plane=all`` is for pretraining)."""
+    preprocessing(config)
+    if one_plane and config.plane == "all":
+        raise ValueError("plane=all is for pretraining (SSL on every plane); a model trains and segments one "
+                         "plane — set plane=axial, coronal or sagittal")
+
+
 def preprocessing(config: Any) -> Preprocessing:
     """The stage config's :class:`Preprocessing` (its own checks become one-line UserErrors)."""
     try:
