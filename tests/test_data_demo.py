@@ -12,7 +12,9 @@ from samadapt.data.manifest import load_label_names, load_manifest, resolve_mani
 
 
 def test_data_demo_then_manifests_point_at_real_files(monkeypatch):
-    result = subprocess.run([sys.executable, "-m", "samadapt.cli", "data", "demo"], capture_output=True, encoding="utf-8")
+    result = subprocess.run(
+        [sys.executable, "-m", "samadapt.cli", "data", "demo"], capture_output=True, encoding="utf-8"
+    )
     assert result.returncode == 0, result.stderr
     assert "data=demo:brain" in result.stdout and "data=demo:ssl" in result.stdout
     assert all(path.is_file() for path in demo_files())
@@ -20,6 +22,7 @@ def test_data_demo_then_manifests_point_at_real_files(monkeypatch):
     # offline rerun: everything verified from the cache, no download attempted
     def no_network(*args, **kwargs):
         raise AssertionError(f"tried to run {args[0]}")
+
     monkeypatch.setattr(subprocess, "run", no_network)
     ensure_demo_data(log=lambda message: None)
 

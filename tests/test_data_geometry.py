@@ -13,7 +13,12 @@ OBLIQUE = (0.0, 0.0, 1.0, -1.0, 0.0, 0.0, 0.0, -1.0, 0.0)  # index i → -y (A),
 
 
 def _geometry(size, spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0), direction=(1, 0, 0, 0, 1, 0, 0, 0, 1)):
-    return {"size": list(size), "spacing": list(spacing), "origin": list(origin), "direction": list(map(float, direction))}
+    return {
+        "size": list(size),
+        "spacing": list(spacing),
+        "origin": list(origin),
+        "direction": list(map(float, direction)),
+    }
 
 
 def _head(shape_zyx=(12, 20, 16), seed=0):
@@ -95,8 +100,9 @@ def test_labels_to_slices_and_back_is_exact_when_upsampling(tmp_path):
     write_volume(image, geometry, tmp_path / "img.nii.gz")
     write_volume(label, geometry, tmp_path / "lab.nii.gz")
     for plane in ("axial", "coronal", "sagittal"):
-        volume = VolumeSlices(tmp_path / "img.nii.gz", Preprocessing(image_size=96, plane=plane), "MR",
-                              tmp_path / "lab.nii.gz")
+        volume = VolumeSlices(
+            tmp_path / "img.nii.gz", Preprocessing(image_size=96, plane=plane), "MR", tmp_path / "lab.nii.gz"
+        )
         np.testing.assert_array_equal(volume.to_volume(volume.labels), label, err_msg=plane)
         # one-hot scores take the same way back (resized, then argmax)
         scores = torch.nn.functional.one_hot(torch.from_numpy(volume.labels), 4).permute(0, 3, 1, 2).float()
@@ -107,7 +113,9 @@ def test_spacing_mode_crops_maps_back_and_warns(tmp_path, capsys):
     image, label = _head((4, 40, 40))
     write_volume(image, _geometry((40, 40, 4)), tmp_path / "img.nii.gz")
     write_volume(label, _geometry((40, 40, 4)), tmp_path / "lab.nii.gz")
-    volume = VolumeSlices(tmp_path / "img.nii.gz", Preprocessing(image_size=32, spacing=0.5), "MR", tmp_path / "lab.nii.gz")
+    volume = VolumeSlices(
+        tmp_path / "img.nii.gz", Preprocessing(image_size=32, spacing=0.5), "MR", tmp_path / "lab.nii.gz"
+    )
     assert volume.mapping.inplane.resized == (80, 80) and volume.mapping.inplane.offset == (-24, -24)
     back = volume.to_volume(volume.labels)
     inner = (slice(None), slice(12, 28), slice(12, 28))  # the part of the slice that fitted in 32 px

@@ -1,5 +1,6 @@
 """``samadapt data import`` on small nnU-Net v2, MSD and plain folders the tests write."""
 
+import csv
 import json
 
 import numpy as np
@@ -45,7 +46,8 @@ def test_nnunet_v2_import_with_val_split(tmp_path, capsys):
     assert all(c.label == root / "labelsTr" / f"{c.id}.nii.gz" for c in train)
     assert [c.id for c in cases if c.split == "test"] == ["liver_900"] and cases[-1].label is None
     assert load_label_names(out) == {0: "background", 1: "liver", 2: "tumour"}
-    assert not json.loads(out.read_text(encoding="utf-8").splitlines()[0])["image"].startswith("/")  # relative to the manifest
+    first = json.loads(out.read_text(encoding="utf-8").splitlines()[0])
+    assert not first["image"].startswith("/")  # relative to the manifest
     # same seed → same split; other seed → (here) another split
     again = tmp_path / "again.jsonl"
     main(["data", "import", str(root), f"out={again}", "--val-fraction", "0.4", "--seed", "3"])
@@ -127,3 +129,60 @@ def test_import_and_check_errors(tmp_path, capsys):
     assert main(["data", "check", str(out), "num_classes=3"]) == 0
     with pytest.raises(SystemExit):
         main(["data", "import", str(root)])  # out= missing
+
+
+def test_import_writes_real_csv_for_a_csv_out(tmp_path):
+    root = _nnunet(tmp_path / "Dataset004", n_train=4)
+    jsonl, table = tmp_path / "liver.jsonl", tmp_path / "liver.csv"
+    for out in (jsonl, table):
+        assert main(["data", "import", str(root), f"out={out}", "--folds", "2"]) == 0
+    with open(table, newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    assert list(rows[0]) == ["id", "image", "label", "modality", "split", "fold"]
+    assert (rows[0]["id"], rows[0]["image"]) == ("liver_000", "Dataset004/imagesTr/liver_000_0000.nii.gz")
+    assert load_manifest(table) == load_manifest(jsonl)
+    assert load_label_names(table) == {0: "background", 1: "liver", 2: "tumour"}
+
+
+def test_import_refuses_an_out_that_is_no_manifest_file_before_writing(tmp_path, capsys):
+    root = _nnunet(tmp_path / "Dataset005", n_train=2)
+    folder = tmp_path / "runs"
+    folder.mkdir()
+    for out, says in ((folder, f"out={folder}: is a folder — give a manifest file name, e.g. out={folder}/manifest"),
+                      (tmp_path / "m.txt", "a manifest must end in .jsonl or .csv")):
+        assert main(["data", "import", str(root), f"out={out}"]) == 2
+        assert says in capsys.readouterr().err
+    assert list(folder.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["Dataset005", "runs"]
+
+
+@pytest.mark.parametrize("meta, says", [
+    ({"training": [{"image": "./imagesTr/a.nii.gz"}]}, 'training entry 1 has no "label" path'),
+    ({"training": [{"image": "./imagesTr/a.nii.gz", "label": 3}]}, 'training entry 1 has no "label" path'),
+    ({"training": ["./imagesTr/a.nii.gz"]}, 'training entry 1 is "./imagesTr/a.nii.gz", not {"image": ..., "label"'),
+    ({"training": {"image": "./imagesTr/a.nii.gz"}}, '"training" must be a list'),
+    ({"training": [], "test": [{"label": "x"}]}, 'test entry 1 has no "image" path'),
+    ({"training": [], "labels": ["background", "liver"]}, "labels must be a mapping"),
+    ({"training": [], "labels": {"0": "background", "one": "liver"}}, "'one': 'liver' is not an integer class id"),
+    ({"channel_names": {"0": "CT"}, "labels": ["background", "liver"]}, "labels must be a mapping"),
+    ({"channel_names": {"0": "CT"}, "labels": {"background": 0, "liver": [1, 2]}}, "region-based labels"),
+    ({"channel_names": ["CT"], "labels": {"background": 0}}, "channel_names must be a mapping"),
+    ({"channel_names": {"0": "CT"}, "file_ending": 7}, "file_ending 7 must be a file suffix"),
+])
+def test_broken_dataset_json_is_one_line_and_writes_nothing(tmp_path, capsys, meta, says):
+    root = tmp_path / "Task01"
+    _vol(root / "imagesTr" / "a.nii.gz")
+    _vol(root / "imagesTr" / "a_0000.nii.gz")
+    (root / "dataset.json").write_text(json.dumps(meta), encoding="utf-8")
+    out = tmp_path / "m.jsonl"
+    assert main(["data", "import", str(root), f"out={out}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {root / 'dataset.json'}: ") and says in err and err.count("\n") == 1, err
+    assert not out.exists() and not (tmp_path / "m.labels.json").exists()
+
+
+def test_import_modality_option_any_case(tmp_path, capsys):
+    _vol(tmp_path / "scans" / "a.nii.gz")
+    assert main(["data", "import", str(tmp_path / "scans"), f"out={tmp_path / 'm.jsonl'}", "--modality", "ct"]) == 0
+    assert load_manifest(tmp_path / "m.jsonl")[0].modality == "CT"
+    assert main(["data", "import", str(tmp_path / "scans"), f"out={tmp_path / 'x.jsonl'}", "--modality", "XR"]) == 2
+    assert "--modality: unknown modality 'XR' — use MR or CT" in capsys.readouterr().err

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from samadapt.data.manifest import cache_root, load_label_names, load_manifest, resolve_manifest
+from samadapt.data.normalise import canonical_modality, normalise, require_modality
 from samadapt.data.readers import write_volume
 from samadapt.errors import UserError
 
@@ -92,7 +93,8 @@ def test_folds_select_train_and_val(tmp_path):
 
 def test_label_names_and_cache_variable(tmp_path, monkeypatch):
     manifest = tmp_path / "set.jsonl"
-    (tmp_path / "set.labels.json").write_text(json.dumps({"labels": {"background": 0, "liver": 1, "tumour": 2}}), encoding="utf-8")
+    labels = {"labels": {"background": 0, "liver": 1, "tumour": 2}}
+    (tmp_path / "set.labels.json").write_text(json.dumps(labels), encoding="utf-8")
     assert load_label_names(manifest) == {0: "background", 1: "liver", 2: "tumour"}
     (tmp_path / "labels.json").write_text(json.dumps({"0": "background", "1": "brain"}), encoding="utf-8")
     assert load_label_names(tmp_path / "other.jsonl") == {0: "background", 1: "brain"}
@@ -102,3 +104,49 @@ def test_label_names_and_cache_variable(tmp_path, monkeypatch):
     _volume(tmp_path / "cache" / "demo" / "v.nii.gz")
     row = {"id": "v", "image": "${SAMADAPT_CACHE}/demo/v.nii.gz", "modality": "MR", "split": ""}
     assert load_manifest(_jsonl(tmp_path / "c.jsonl", [row]))[0].image == tmp_path / "cache" / "demo" / "v.nii.gz"
+
+
+def test_a_spreadsheet_manifest_with_a_byte_order_mark_just_works(tmp_path):
+    _volume(tmp_path / "a.nii.gz")
+    (tmp_path / "m.csv").write_bytes(b"\xef\xbb\xbfid,image,label,modality,split\r\na,a.nii.gz,,ct,train\r\n")
+    (tmp_path / "m.jsonl").write_bytes(b"\xef\xbb\xbf" + json.dumps({"id": "a", "image": "a.nii.gz"}).encode() + b"\n")
+    (tmp_path / "m.labels.json").write_bytes(b"\xef\xbb\xbf" + json.dumps({"background": 0, "x": 1}).encode())
+    [case] = load_manifest(resolve_manifest(tmp_path / "m.csv"))
+    assert (case.id, case.image, case.modality, case.split) == ("a", tmp_path / "a.nii.gz", "CT", "train")
+    assert [c.id for c in load_manifest(tmp_path / "m.jsonl")] == ["a"]
+    assert load_label_names(tmp_path / "m.jsonl") == {0: "background", 1: "x"}
+
+
+def test_a_manifest_in_another_encoding_is_one_line(tmp_path):
+    path = tmp_path / "m.csv"
+    path.write_bytes("id,image,label,modality,split\nmüller,a.nii.gz,,MR,\n".encode("latin-1"))
+    with pytest.raises(UserError, match=rf"^{path}: not UTF-8 text \(byte 0xfc on line 2\) — save it as UTF-8$"):
+        load_manifest(path)
+
+
+def test_only_jsonl_and_csv_are_manifests(tmp_path):
+    for name in ("m.txt", "m.json", "m.jsonl.bak"):
+        _jsonl(tmp_path / name, [{"id": "a", "image": "a.nii.gz"}])
+        for read in (resolve_manifest, load_manifest):
+            with pytest.raises(UserError, match=rf"{name}: not a manifest file name — manifests end in \.jsonl or "):
+                read(tmp_path / name)
+
+
+def test_modality_is_one_rule_any_case(tmp_path):
+    assert [canonical_modality(v) for v in ("ct", " Mr ", "mri", "CT", "XR", "", None)] == [
+        "CT", "MR", "MR", "CT", None, None, None]
+    assert require_modality("ct", "modality=") == "CT"
+    with pytest.raises(UserError, match=r"^modality=: unknown modality 'XR' — use MR or CT \(any case; MRI = MR\)$"):
+        require_modality("XR", "modality=")
+    _volume(tmp_path / "a.nii.gz")
+    rows = [{"id": "lower", "image": "a.nii.gz", "modality": "ct"}, {"id": "empty", "image": "a.nii.gz"},
+            {"id": "xr", "image": "a.nii.gz", "modality": "XR"}]
+    with pytest.raises(UserError, match=r"1 problem\(s\) — row 3: unknown modality 'XR' — use MR or CT"):
+        load_manifest(_jsonl(tmp_path / "m.jsonl", rows))
+    cases = load_manifest(_jsonl(tmp_path / "ok.jsonl", rows[:2]))
+    assert [c.modality for c in cases] == ["CT", "MR"]
+    # the normalisation itself follows the rule: "ct" is windowed as CT, an unknown modality is refused
+    hu = np.array([-1000.0, -160.0, 40.0, 240.0, 1000.0], np.float32)
+    np.testing.assert_allclose(normalise(hu, "ct"), normalise(hu, "CT"))
+    with pytest.raises(UserError, match="unknown modality 'XR'"):
+        normalise(hu, "XR")

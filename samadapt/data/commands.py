@@ -22,15 +22,15 @@ def add_parser(subparsers) -> None:
 
     imp = commands.add_parser(
         "import", help="nnU-Net v2 raw / MSD dataset folder, or a folder of NIfTI/DICOM → manifest",
-        description="Write a manifest (JSON Lines) for a dataset folder: nnU-Net v2 raw or Medical Segmentation "
-                    "Decathlon (labels + <stem>.labels.json), or any folder of NIfTI/NRRD/MHA files and DICOM "
-                    "series (unlabeled, for SSL). Splits are by case, seeded.")
+        description="Write a manifest (JSON Lines, or CSV for out=*.csv) for a dataset folder: nnU-Net v2 raw or "
+                    "Medical Segmentation Decathlon (labels + <stem>.labels.json), or any folder of NIfTI/NRRD/MHA "
+                    "files and DICOM series (unlabeled, for SSL). Splits are by case, seeded.")
     imp.add_argument("folder", help="dataset folder")
-    imp.add_argument("out", metavar="out=MANIFEST.jsonl", help="manifest to write")
+    imp.add_argument("out", metavar="out=MANIFEST.jsonl", help="manifest to write (.jsonl, or .csv for CSV)")
     imp.add_argument("--val-fraction", type=float, default=0.0, help="fraction of training cases → split=val")
     imp.add_argument("--folds", type=int, default=None, help="write a fold column 0..K-1 over the train cases")
     imp.add_argument("--seed", type=int, default=0, help="seed of the case shuffle")
-    imp.add_argument("--modality", default="MR", choices=["MR", "CT"], help="modality of a plain folder's images")
+    imp.add_argument("--modality", default="MR", help="modality of a plain folder's images: MR or CT (any case)")
     imp.add_argument("--channel", type=int, default=0, help="nnU-Net channel (_000K file) to use as image")
     imp.set_defaults(func=_import)
 
@@ -62,7 +62,7 @@ def _import(args: argparse.Namespace) -> int:
 
     name, sep, out = args.out.partition("=")
     if not sep or name != "out" or not out:
-        raise UserError(f"{args.out!r}: expected out=<manifest.jsonl>")
+        raise UserError(f"{args.out!r}: expected out=<manifest.jsonl> (or out=<manifest.csv>)")
     summary = import_dataset(args.folder, out, args.val_fraction, args.folds, args.seed, args.modality, args.channel)
     print(json.dumps(summary, indent=2))
     return 0

@@ -5,11 +5,13 @@ JSON Lines or CSV, one case per row: ``id``, ``image``, ``label`` (optional), ``
 ``series_uid`` (DICOM folders with several series). Paths: ``~`` and ``${VAR}`` are expanded
 (``${SAMADAPT_CACHE}`` defaults to the samadapt cache folder), then relative paths resolve against the
 manifest's folder. A sidecar ``<manifest stem>.labels.json`` (or ``labels.json``) names the classes.
+Manifests are UTF-8 text (a spreadsheet's byte-order mark is fine); the suffix decides the format.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import re
@@ -17,13 +19,15 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from samadapt.data.formats import volume_stem
-from samadapt.data.normalise import MODALITIES, canonical_modality
+from samadapt.data.formats import MANIFEST_SUFFIXES, volume_stem
+from samadapt.data.normalise import require_modality
 from samadapt.errors import UserError
 from samadapt.io import cache_root
 
 SPLITS = ("train", "val", "test")
 COLUMNS = ("id", "image", "label", "modality", "split", "fold", "series_uid")
+# Outputs are named <id><suffix> (e.g. <id>_probabilities.nii.gz): the id leaves room for that within 255 bytes.
+MAX_ID_BYTES = 200
 DEMO_MANIFESTS = {"brain": "demo_brain.jsonl", "ssl": "demo_ssl.jsonl"}
 _VARIABLE = re.compile(r"\$\{(\w+)\}|\$(\w+)")
 
@@ -66,7 +70,8 @@ def resolve_manifest(arg: str | os.PathLike) -> Path:
     if text.startswith("demo:"):
         name = text[len("demo:"):]
         if name not in DEMO_MANIFESTS:
-            raise UserError(f"data={text}: unknown demo manifest — use {', '.join('demo:' + n for n in DEMO_MANIFESTS)}")
+            names = ", ".join("demo:" + n for n in DEMO_MANIFESTS)
+            raise UserError(f"data={text}: unknown demo manifest — use {names}")
         from samadapt.data.demo import ensure_demo_data
 
         ensure_demo_data()
@@ -74,15 +79,33 @@ def resolve_manifest(arg: str | os.PathLike) -> Path:
     path = Path(text).expanduser()
     if not path.is_file():
         raise UserError(f"{path}: manifest not found — give a .jsonl/.csv manifest or demo:brain / demo:ssl")
+    check_manifest_suffix(path)
     return path
+
+
+def check_manifest_suffix(path: Path) -> None:
+    """Only ``MANIFEST_SUFFIXES`` files are manifests (and only theirs get their volumes hashed as inputs)."""
+    if not path.name.endswith(MANIFEST_SUFFIXES):
+        raise UserError(f"{path}: not a manifest file name — manifests end in {' or '.join(MANIFEST_SUFFIXES)} "
+                        "(JSON Lines or CSV, see data_manifests/README.md); rename the file")
+
+
+def read_text(path: Path) -> str:
+    """A manifest or sidecar as text: UTF-8, with or without a byte-order mark (as spreadsheets save it)."""
+    try:
+        return path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = exc.object[:exc.start].count(b"\n") + 1
+        raise UserError(f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} on line {line}) — save it as "
+                        "UTF-8") from None
 
 
 def read_rows(path: Path) -> list[tuple[int, dict]]:
     """``(line number, row)`` pairs of a JSON Lines or CSV manifest (blank lines skipped)."""
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path)
     rows: list[tuple[int, dict]] = []
-    if path.suffix.lower() == ".csv":
-        reader = csv.DictReader(text.splitlines())
+    if path.name.endswith(".csv"):
+        reader = csv.DictReader(io.StringIO(text, newline=""))
         for row in reader:
             rows.append((reader.line_num, {k.strip(): (v or "").strip() for k, v in row.items() if k}))
         return rows
@@ -108,6 +131,7 @@ def load_manifest(path: str | os.PathLike, split: str | None = None, require_lab
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: manifest not found")
+    check_manifest_suffix(path)
     rows = read_rows(path)
     if not rows:
         raise UserError(f"{path}: empty manifest — add one row per volume (see data_manifests/README.md)")
@@ -161,9 +185,11 @@ def _parse_row(row: dict, number: int, base: Path, problems: list[str]) -> Case 
             continue
         if not paths[column].exists():
             problems.append(f"row {number}: {column} {paths[column]} not found")
-    modality = canonical_modality(values["modality"] or "MR")
-    if modality is None:
-        problems.append(f"row {number}: unknown modality {values['modality']!r} (use {' or '.join(MODALITIES)})")
+    modality = None
+    try:
+        modality = require_modality(values["modality"] or "MR", f"row {number}")  # empty: MR
+    except UserError as exc:
+        problems.append(str(exc))
     if values["split"] and values["split"] not in SPLITS:
         problems.append(f"row {number}: unknown split {values['split']!r} (use {', '.join(SPLITS)} or leave empty)")
     fold = None
@@ -178,6 +204,10 @@ def _parse_row(row: dict, number: int, base: Path, problems: list[str]) -> Case 
     if not _is_plain_name(case_id):
         # Output files are named after the id (predictions/<id>.nii.gz): it must not lead out of out=.
         problems.append(f"row {number}: id {case_id!r} is not a plain file name (no / \\ or ..)")
+        return None
+    if len(case_id.encode()) > MAX_ID_BYTES:
+        problems.append(f"row {number}: id {case_id[:20]!r}… is {len(case_id.encode())} bytes long — output files are "
+                        f"named after it (at most {MAX_ID_BYTES}, file systems allow 255): shorten it")
         return None
     return Case(case_id, paths["image"], paths.get("label"), modality or "MR", values["split"], fold,
                 values["series_uid"] or None)
@@ -197,16 +227,19 @@ def load_label_names(manifest_path: str | os.PathLike) -> dict[int, str] | None:
                       manifest_path.with_name("labels.json")):
         if candidate.is_file():
             try:
-                data = json.loads(candidate.read_text(encoding="utf-8"))
+                data = json.loads(read_text(candidate))
             except json.JSONDecodeError as exc:
                 raise UserError(f"{candidate}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
-            return _label_mapping(data.get("labels", data) if isinstance(data, dict) else data, candidate)
+            return label_mapping(data.get("labels", data) if isinstance(data, dict) else data, candidate)
     return None
 
 
-def _label_mapping(data: object, path: Path) -> dict[int, str]:
+def label_mapping(data: object, path: Path) -> dict[int, str]:
+    """``{class id: name}`` from nnU-Net's ``{"background": 0, ...}`` or MSD's ``{"0": "background", ...}``;
+    anything else (a list, region lists, ids that are no integers) is a UserError naming ``path``."""
     if not isinstance(data, dict):
-        raise UserError(f"{path}: expected a mapping of class names and ids")
+        raise UserError(f"{path}: labels must be a mapping of class names and ids such as "
+                        f'{{"background": 0, "liver": 1}}, not a {type(data).__name__}')
     names: dict[int, str] = {}
     for k, v in data.items():
         if str(k).lstrip("-").isdigit():
@@ -218,22 +251,42 @@ def _label_mapping(data: object, path: Path) -> dict[int, str]:
     return dict(sorted(names.items()))
 
 
+def check_manifest_out(path: str | os.PathLike) -> Path:
+    """Where a manifest may be written: a ``.jsonl`` or ``.csv`` file name that is not a folder."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"out={path}: is a folder — give a manifest file name, e.g. out={path / 'manifest.jsonl'}")
+    if not path.name.endswith(MANIFEST_SUFFIXES):
+        raise UserError(f"out={path}: a manifest must end in {' or '.join(MANIFEST_SUFFIXES)} (JSON Lines or CSV), "
+                        f"e.g. out={path.with_name(path.stem + '.jsonl')}")
+    return path
+
+
 def write_manifest(path: str | os.PathLike, rows: list[dict]) -> Path:
-    """Write rows as JSON Lines (atomically); paths inside the manifest's folder become relative."""
+    """Write rows atomically as JSON Lines (``.jsonl``) or CSV (``.csv``, UTF-8 without a byte-order mark;
+    ``fold``/``series_uid`` columns only if a row has one); paths inside the manifest's folder become relative."""
     from samadapt.io import write_text
 
-    path = Path(path)
-    lines = []
+    path = check_manifest_out(path)
+    required = ("id", "image", "label", "modality", "split")
+    table = []
     for row in rows:
         out = {}
         for column in COLUMNS:
             value = row.get(column)
             if column in ("image", "label") and value:
                 value = _relative(Path(value), path.parent.resolve())
-            if value is not None and value != "" or column in ("id", "image", "label", "modality", "split"):
+            if value is not None and value != "" or column in required:
                 out[column] = "" if value is None else value
-        lines.append(json.dumps(out))
-    return write_text(path, "\n".join(lines) + "\n")
+        table.append(out)
+    if not path.name.endswith(".csv"):
+        return write_text(path, "".join(json.dumps(out) + "\n" for out in table))
+    columns = [c for c in COLUMNS if c in required or any(c in out for out in table)]
+    buffer = io.StringIO(newline="")
+    writer = csv.DictWriter(buffer, columns, restval="", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(table)
+    return write_text(path, buffer.getvalue())
 
 
 def _relative(path: Path, base: Path) -> str:

@@ -2,11 +2,14 @@
 
 * **CT**: voxels are HU (SimpleITK applies rescale slope/intercept); a window ``W,L`` (or a named preset)
   maps ``[L - W/2, L + W/2]`` to [0, 1]. Default preset: ``soft_tissue``.
-* **MR** (and other modalities): clip to the 0.5–99.5 percentiles of the *foreground* and scale to
+* **MR**: clip to the 0.5–99.5 percentiles of the *foreground* and scale to
   [0, 1]. Foreground = an Otsu head mask with holes filled (default, ``mr_foreground="otsu"``), because
   "non-zero voxels" means different things per scanner/template (the MNI152 T1 background is not zero,
   Colin27's is) and that made a model trained on one head fail on the other. ``"nonzero"`` gives the
   classic non-zero-voxel rule. A ``window`` given for MR is applied to the raw intensities instead.
+
+Modalities: ``canonical_modality`` / ``require_modality`` are the one rule (MR or CT, any case; anything else
+is refused rather than normalised as MR) for manifests, ``modality=`` keys and ``normalise`` itself.
 """
 
 from __future__ import annotations
@@ -27,9 +30,20 @@ MODALITIES = ("MR", "CT")
 _ALIASES = {"MR": "MR", "MRI": "MR", "CT": "CT"}
 
 
-def canonical_modality(value: str) -> str | None:
-    """``"mri"`` → ``"MR"``; None if unknown."""
-    return _ALIASES.get(str(value).strip().upper())
+def canonical_modality(value: str | None) -> str | None:
+    """The one modality rule: ``MR`` or ``CT`` in any case (``MRI`` = ``MR``), blanks around ignored —
+    ``"ct"`` → ``"CT"``, ``" mri"`` → ``"MR"``; None if unknown (``"XR"``, ``"PET"``, empty)."""
+    return _ALIASES.get(str(value).strip().upper()) if value is not None else None
+
+
+def require_modality(value: str | None, where: str) -> str:
+    """``canonical_modality(value)``, or a one-line UserError starting with ``where`` (a file and row, or a key
+    such as ``modality=``) — so an unknown modality is refused instead of being normalised as MR."""
+    modality = canonical_modality(value)
+    if modality is None:
+        raise UserError(f"{where}: unknown modality {'' if value is None else str(value).strip()!r} — use "
+                        f"{' or '.join(MODALITIES)} (any case; MRI = MR)")
+    return modality
 
 
 def parse_window(window: str) -> tuple[float, float]:
@@ -87,7 +101,9 @@ def percentile_scale(volume: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 
 def normalise(volume: np.ndarray, modality: str, window: str | None = None, mr_foreground: str = "otsu") -> np.ndarray:
-    """(z, y, x) intensities (HU for CT) → float32 in [0, 1] by the rules above."""
+    """(z, y, x) intensities (HU for CT) → float32 in [0, 1] by the rules above; ``modality`` as
+    ``require_modality`` takes it (``"ct"`` is CT, an unknown one is an error)."""
+    modality = require_modality(modality, "modality")
     if window is not None:
         return apply_window(volume, window)
     if modality == "CT":

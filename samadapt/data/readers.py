@@ -9,9 +9,11 @@ one-line :class:`UserError` naming the file.
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import struct
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +24,6 @@ from samadapt.errors import UserError, one_line
 from samadapt.io import atomic_path
 
 GEOMETRY_TOLERANCE_MM = 1e-3
-# Writers that keep everything in one file, so a temp-name-then-rename write is atomic.
 _decodes = 0
 
 
@@ -44,8 +45,8 @@ def read_volume(path: str | os.PathLike, channel: int | None = None, series_uid:
     if path.is_dir():
         image = _read_dicom_series(path, series_uid)
     else:
-        if path.name.endswith((".nii", ".nii.gz")):
-            _check_nifti(path)
+        if _is_nifti(path):
+            check_nifti(path, decode=True)
         try:
             image = sitk.ReadImage(str(path))
         except RuntimeError as exc:
@@ -55,42 +56,133 @@ def read_volume(path: str | os.PathLike, channel: int | None = None, series_uid:
     return _as_3d(image, path, channel)
 
 
-def _check_nifti(path: Path) -> None:
-    """What ITK 5's NIfTI reader does not check: a truncated file (it pads with zeros) and NaN/Inf voxels
-    (it silently replaces them with 0, fixed only in ITK 6: InsightSoftwareConsortium/ITK#6683)."""
+# --- NIfTI: what ITK 5's reader does not check --------------------------------------------------------
+
+_NIFTI_DTYPES = {2: "u1", 4: "i2", 8: "i4", 16: "f4", 64: "f8", 256: "i1", 512: "u2", 768: "u4", 1024: "i8",
+                 1280: "u8", 2304: "u1"}
+_FIX_SCALING = "fix the header's scaling (nibabel: img.header.set_slope_inter(1, 0), or re-export the image)"
+
+
+@dataclass(frozen=True)
+class _NiftiHeader:
+    layout: str  # byte order, "<" or ">"
+    shape: tuple[int, ...]  # x, y, z, ... voxels
+    datatype: int
+    offset: int  # of the voxels in the (uncompressed) file
+    slope: float  # scl_slope and scl_inter as the reader applies them (1 and 0: no scaling)
+    inter: float
+
+    @property
+    def dtype(self) -> str | None:
+        return _NIFTI_DTYPES.get(self.datatype)  # None: complex / float128, left to ITK
+
+    @property
+    def count(self) -> int:
+        return int(np.prod(self.shape)) * (3 if self.datatype == 2304 else 1)  # 2304: RGB
+
+
+def _is_nifti(path: Path) -> bool:
+    return path.name.endswith((".nii", ".nii.gz"))
+
+
+def check_nifti(path: str | os.PathLike, decode: bool = True) -> None:
+    """The one NIfTI check of ``read_header`` (``decode=False``: the header, plus the voxels' range only when
+    the scaling could overflow) and of ``read_volume`` (``decode=True``: also a truncated file — ITK 5 pads it
+    with zeros — and NaN/Inf voxels, which it silently replaces with 0, fixed only in ITK 6:
+    InsightSoftwareConsortium/ITK#6683).
+
+    Header rules: dim[0] in 1..7 and every used dim >= 1 (ITK reads a 0 as 1, so a mask would get another
+    shape); scl_slope/scl_inter finite (ITK ignores an infinite one); the scaled voxels finite in the type the
+    reader returns (float32, float64 for float64 files)."""
+    path = Path(path)
+    raw = _nifti_bytes(path, None if decode else 540)
+    header = _nifti_header(raw, path)
+    dtype = header.dtype
+    if dtype is None:
+        return
+    if decode:
+        size = header.offset + header.count * np.dtype(dtype).itemsize
+        if len(raw) < size:
+            raise UserError(f"{path}: cannot read the image — truncated file ({len(raw)} bytes, header promises "
+                            f"{size})")
+        if dtype.startswith("f"):
+            values = _nifti_voxels(raw, header)
+            if not np.isfinite(values).all():
+                x, y, z = (header.shape + (1, 1))[:3]
+                _raise_non_finite(values.reshape(-1, z, y, x), path)  # file order: x fastest
+    _check_nifti_scaling(header, path, lambda: _nifti_voxels(raw if decode else _nifti_bytes(path), header))
+
+
+def _nifti_bytes(path: Path, limit: int | None = None) -> bytes:
+    """The file's bytes, gunzipped if it is gzip-compressed; only the first ``limit`` if given."""
     try:
-        raw = gzip.open(path).read() if path.name.endswith(".gz") else path.read_bytes()
+        with open(path, "rb") as handle:
+            compressed = handle.read(2) == b"\x1f\x8b"
+        with (gzip.open(path, "rb") if compressed else open(path, "rb")) as handle:
+            return handle.read() if limit is None else handle.read(limit)
     except (OSError, EOFError, zlib.error) as exc:
         raise UserError(f"{path}: cannot read the image — corrupt or truncated .nii.gz ({one_line(exc)})") from None
-    layout = None
-    for endian in "<>":
-        if len(raw) >= 4 and struct.unpack(endian + "i", raw[:4])[0] in (348, 540):
-            layout = endian
-            break
+
+
+def _nifti_header(raw: bytes, path: Path) -> _NiftiHeader:
+    """Parse a NIfTI-1/2 header and refuse what would make the readers disagree (see ``check_nifti``)."""
+    layout = next((e for e in "<>" if len(raw) >= 4 and struct.unpack(e + "i", raw[:4])[0] in (348, 540)), None)
     if layout is None:
         raise UserError(f"{path}: cannot read the image — not a NIfTI file (bad header size)")
-    if struct.unpack(layout + "i", raw[:4])[0] == 348:
+    version = struct.unpack(layout + "i", raw[:4])[0]
+    if len(raw) < version:
+        raise UserError(f"{path}: cannot read the image — truncated NIfTI header ({len(raw)} of {version} bytes)")
+    if version == 348:
         dims = struct.unpack(layout + "8h", raw[40:56])
         datatype = struct.unpack(layout + "h", raw[70:72])[0]
-        offset = int(struct.unpack(layout + "f", raw[108:112])[0])
+        offset, slope, inter = struct.unpack(layout + "3f", raw[108:120])
     else:
         datatype = struct.unpack(layout + "h", raw[12:14])[0]
         dims = struct.unpack(layout + "8q", raw[16:80])
-        offset = struct.unpack(layout + "q", raw[168:176])[0]
-    dtype = {2: "u1", 4: "i2", 8: "i4", 16: "f4", 64: "f8", 256: "i1", 512: "u2", 768: "u4", 1024: "i8",
-             1280: "u8", 2304: "u1"}.get(datatype)
-    shape = tuple(int(d) for d in dims[1:1 + max(1, min(int(dims[0]), 7))])
-    if dtype is None:  # complex / RGB / float128: leave the checks to ITK
+        offset, slope, inter = struct.unpack(layout + "q2d", raw[168:192])
+    ndim = int(dims[0])
+    if not 1 <= ndim <= 7:
+        raise UserError(f"{path}: corrupt NIfTI header — dim[0]={ndim} dimensions (must be 1..7); re-export the image")
+    shape = tuple(int(d) for d in dims[1:1 + ndim])
+    if min(shape) < 1:
+        raise UserError(f"{path}: corrupt NIfTI header — dims {shape} include {min(shape)} (every axis needs at "
+                        "least 1 voxel; ITK would read it as 1 and change the shape); re-export the image")
+    for name, value in (("scl_slope", slope), ("scl_inter", inter)):
+        if math.isinf(value):
+            raise UserError(f"{path}: NIfTI {name}={value} is not finite — {_FIX_SCALING}")
+    # What ITK applies: a 0 or NaN slope (NaN = "unset", as nibabel writes) counts as 1, a NaN intercept as 0.
+    slope = 1.0 if math.isnan(slope) or slope == 0 else float(slope)
+    inter = 0.0 if math.isnan(inter) else float(inter)
+    return _NiftiHeader(layout, shape, int(datatype), int(offset), slope, inter)
+
+
+def _nifti_voxels(raw: bytes, header: _NiftiHeader) -> np.ndarray:
+    """The stored voxel values (flat, file order; as many as ``raw`` holds, up to the header's count)."""
+    dtype = np.dtype(header.layout + header.dtype)
+    count = max(0, min(header.count, (len(raw) - header.offset) // dtype.itemsize))
+    return np.frombuffer(raw, dtype, count=count, offset=min(header.offset, len(raw)))
+
+
+def _check_nifti_scaling(header: _NiftiHeader, path: Path, voxels) -> None:
+    """Refuse an ``scl_slope``/``scl_inter`` that turns voxels into ±Inf in the reader's output type; the voxels
+    are read (``voxels()``) only when the stored type's whole range would not fit."""
+    if (header.slope, header.inter) == (1.0, 0.0):
         return
-    count = int(np.prod(shape)) * (3 if datatype == 2304 else 1)
-    if len(raw) < offset + count * np.dtype(dtype).itemsize:
-        raise UserError(f"{path}: cannot read the image — truncated file ({len(raw)} bytes, header promises "
-                        f"{offset + count * np.dtype(dtype).itemsize})")
-    if dtype.startswith("f"):
-        values = np.frombuffer(raw, layout + dtype, count=count, offset=offset)
-        if not np.isfinite(values).all():
-            x, y, z = (shape + (1, 1))[:3]
-            _raise_non_finite(values.reshape(-1, z, y, x), path)  # file order: x fastest
+    out = np.float64 if header.dtype == "f8" else np.float32  # what ITK returns for a scaled NIfTI
+    limit = float(np.finfo(out).max)
+    info = np.finfo(header.dtype) if header.dtype.startswith("f") else np.iinfo(header.dtype)
+    if all(abs(header.slope * float(bound) + header.inter) <= limit for bound in (info.min, info.max)):
+        return
+    values = voxels()
+    values = values[np.isfinite(values)] if values.dtype.kind == "f" else values
+    if not values.size:
+        return
+    low, high = float(values.min()), float(values.max())
+    scaled = sorted((header.slope * low + header.inter, header.slope * high + header.inter))
+    if max(abs(scaled[0]), abs(scaled[1])) > limit:
+        raise UserError(f"{path}: NIfTI scl_slope={header.slope:g}, scl_inter={header.inter:g} scale the voxel "
+                        f"values {low:g}..{high:g} to {scaled[0]:.3g}..{scaled[1]:.3g}, beyond "
+                        f"{np.dtype(out).name} (they would read as Inf) — {_FIX_SCALING}")
 
 
 def _raise_non_finite(array: np.ndarray, path: str | os.PathLike) -> None:
@@ -102,28 +194,34 @@ def _raise_non_finite(array: np.ndarray, path: str | os.PathLike) -> None:
 
 
 def read_header(path: str | os.PathLike, series_uid: str | None = None) -> dict:
-    """Geometry and pixel type without decoding the pixels (DICOM: of the series' files)."""
+    """Geometry and pixel type without decoding the pixels, checked by the same rules as ``read_volume``
+    (NIfTI: ``check_nifti``; DICOM: the series' own slice positions, see ``dicom_series_files``)."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: file not found")
-    reader = sitk.ImageFileReader()
     if path.is_dir():
-        files = _series_files(path, series_uid)
-        reader.SetFileName(files[0])
-        slices = len(files)
-    else:
-        reader.SetFileName(str(path))
-        slices = None
+        return dicom_series_files(path, series_uid)[1]
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
     try:
         reader.ReadImageInformation()
     except RuntimeError as exc:
         raise UserError(f"{path}: cannot read the header ({_itk_reason(exc)})") from None
-    size = list(reader.GetSize())
-    if slices is not None:
-        size = size[:2] + [slices]
-    return {"size": size, "spacing": list(reader.GetSpacing()), "origin": list(reader.GetOrigin()),
+    if _is_nifti(path):
+        check_nifti(path, decode=False)
+    return _header_of(reader)
+
+
+def _header_of(reader: sitk.ImageFileReader) -> dict:
+    return {"size": list(reader.GetSize()), "spacing": list(reader.GetSpacing()), "origin": list(reader.GetOrigin()),
             "direction": list(reader.GetDirection()), "components": reader.GetNumberOfComponents(),
             "pixel_type": sitk.GetPixelIDValueAsString(reader.GetPixelID()), "dimension": reader.GetDimension()}
+
+
+# --- DICOM series -------------------------------------------------------------------------------------
+
+_DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
+_SLICE_TOLERANCE = 0.01  # of the slice spacing: positions further off are a missing or misplaced slice
 
 
 def dicom_series(folder: str | os.PathLike) -> list[str]:
@@ -131,22 +229,133 @@ def dicom_series(folder: str | os.PathLike) -> list[str]:
     return list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
 
 
-def _series_files(folder: Path, series_uid: str | None) -> list[str]:
+def dicom_series_files(folder: str | os.PathLike, series_uid: str | None = None) -> tuple[list[str], dict]:
+    """The files of one DICOM series in slice order (along the slice normal) and its header (``read_header``'s
+    dict, spacing between slices from their positions as ITK's series reader computes it).
+
+    The one check of a series, for ``read_header`` and ``read_volume`` alike: every file of the series is
+    readable (GDCM silently leaves out a truncated one), the slices share size and orientation, and their
+    positions are evenly spaced — no gap (missing slice), no two slices at one position — since ITK's reader
+    would stack them anyway with an averaged spacing (and only a "Non uniform sampling" warning)."""
+    folder = Path(folder)
+    uid = _pick_series(folder, series_uid)
+    files = list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid))
+    _check_left_out(folder, {Path(f).name for f in files}, uid)
+    slices = [_slice_reader(folder, f) for f in files]
+    if len(slices) == 1:
+        return files, _header_of(slices[0])
+    first = slices[0]
+    for reader, name in zip(slices, files):
+        if reader.GetSize() != first.GetSize():
+            raise UserError(f"{folder}: slice {Path(name).name} is {_pixels(reader)} but {Path(files[0]).name} is "
+                            f"{_pixels(first)} — a series must be one stack of equal slices; export it again")
+        if not np.allclose(reader.GetDirection(), first.GetDirection(), atol=1e-3):
+            raise UserError(f"{folder}: slices {Path(files[0]).name} and {Path(name).name} have different "
+                            f"orientations ({_orientation(first)} vs {_orientation(reader)}) — a series must be one "
+                            "stack of parallel slices; export each orientation as a series of its own")
+        if not reader.HasMetaDataKey("0020|0032"):
+            raise UserError(f"{folder}: slice {Path(name).name} has no position (Image Position Patient, 0020|0032) "
+                            "— samadapt needs it to order the slices and measure their spacing")
+    direction = np.asarray(first.GetDirection(), dtype=float).reshape(3, 3)
+    normal = np.cross(direction[:, 0], direction[:, 1])
+    origins = np.asarray([reader.GetOrigin() for reader in slices], dtype=float)
+    order = np.argsort(origins @ normal, kind="stable")
+    files, slices, origins = [files[i] for i in order], [slices[i] for i in order], origins[order]
+    _check_positions(folder, origins @ normal, [Path(f).name for f in files])
+    header = _header_of(slices[0])
+    header["size"] = list(slices[0].GetSize()[:2]) + [len(files)]
+    header["spacing"][2] = float(np.linalg.norm(origins[-1] - origins[0]) / (len(files) - 1))  # as ITK does
+    return files, header
+
+
+def _check_positions(folder: Path, positions: np.ndarray, names: list[str]) -> None:
+    """Sorted slice positions along the normal (mm) must be evenly spaced, without duplicates."""
+    gaps = np.diff(positions)
+    spacing = float(np.median(gaps))
+    tolerance = max(1e-3, _SLICE_TOLERANCE * spacing)
+    for i in np.flatnonzero(gaps <= tolerance):
+        raise UserError(f"{folder}: two slices at {_mm(positions[i])} mm ({names[i]}, {names[i + 1]}) — remove the "
+                        "duplicate, or split the series (several acquisitions or time points in one series?)")
+    for i in np.flatnonzero(gaps > spacing + tolerance):
+        raise UserError(f"{folder}: slice positions jump from {_mm(positions[i])} to {_mm(positions[i + 1])} mm "
+                        f"(missing slice?) between {names[i]} and {names[i + 1]}; the others are {spacing:.3g} mm "
+                        "apart — add the missing slice files or export the complete series")
+    for i in np.flatnonzero(gaps < spacing - tolerance):
+        raise UserError(f"{folder}: slices {names[i]} and {names[i + 1]} at {_mm(positions[i])} and "
+                        f"{_mm(positions[i + 1])} mm are {gaps[i]:.3g} mm apart, the others {spacing:.3g} mm "
+                        "(uneven spacing) — a series must have evenly spaced slices; export it again")
+
+
+def _mm(value: float) -> str:
+    return f"{value:.1f}" if abs(value * 10 - round(value * 10)) < 1e-3 else f"{value:.3f}"
+
+
+def _pixels(reader: sitk.ImageFileReader) -> str:
+    return "x".join(str(n) for n in reader.GetSize()) + " pixels"
+
+
+def _orientation(reader: sitk.ImageFileReader) -> str:
+    if reader.HasMetaDataKey("0020|0037"):
+        return reader.GetMetaData("0020|0037").strip()
+    return "none"
+
+
+def _slice_reader(folder: Path, name: str) -> sitk.ImageFileReader:
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(name)
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as exc:
+        raise UserError(f"{folder}: slice {Path(name).name} cannot be read ({_itk_reason(exc)}) — truncated or "
+                        "corrupt? copy the file again") from None
+    return reader
+
+
+def _looks_like_dicom(path: Path) -> bool:
+    if path.name.lower().endswith(_DICOM_SUFFIXES):
+        return True
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
+
+
+def _check_left_out(folder: Path, listed: set[str], uid: str) -> None:
+    """GDCM leaves out of a series every file it cannot parse (e.g. a truncated slice), leaving a silent gap:
+    a DICOM-looking file of the folder that is in no series, or in this one but not listed, is an error."""
+    for path in sorted(folder.iterdir()):
+        if path.name in listed or path.name.upper() == "DICOMDIR" or not path.is_file() or not _looks_like_dicom(path):
+            continue
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        try:
+            reader.ReadImageInformation()
+        except RuntimeError:
+            raise UserError(f"{folder}: {path.name} looks like a DICOM slice but cannot be read (truncated or "
+                            "corrupt?) — copy the file again, or move it out of the folder") from None
+        if reader.HasMetaDataKey("0020|000e") and reader.GetMetaData("0020|000e").strip() == uid:
+            raise UserError(f"{folder}: {path.name} belongs to series {uid} but GDCM leaves it out of the series "
+                            "(corrupt?) — copy the file again, or move it out of the folder")
+
+
+def _pick_series(folder: Path, series_uid: str | None) -> str:
     uids = dicom_series(folder)
     if not uids:
+        _check_left_out(folder, set(), "")
         raise UserError(f"{folder}: no DICOM series found in this folder — point image= at a folder of .dcm files")
     if series_uid is None:
         if len(uids) > 1:
             raise UserError(f"{folder}: {len(uids)} DICOM series ({', '.join(uids)}) — choose one with series_uid")
-        series_uid = uids[0]
-    elif series_uid not in uids:
+        return uids[0]
+    if series_uid not in uids:
         raise UserError(f"{folder}: no series {series_uid} (found {', '.join(uids)})")
-    return list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_uid))
+    return series_uid
 
 
 def _read_dicom_series(folder: Path, series_uid: str | None) -> sitk.Image:
     reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(_series_files(folder, series_uid))
+    reader.SetFileNames(dicom_series_files(folder, series_uid)[0])
     try:
         return reader.Execute()
     except RuntimeError as exc:
