@@ -3,8 +3,9 @@
     python bench/bench_cache.py [--quick]
 
 Both runs go through :meth:`samadapt.training.Trainer.fit` with the stage's model (``build_model``,
-encoder=frozen decoder=full prompt=none, batch 4) and loss, on the first N training slices of
-``demo:brain`` without augmentation (``embedding_views=0``, so both see the same images): *without* the
+encoder=frozen decoder=full prompt=none, batch 4) and loss (``make_loss_fn``), on the first N training slices
+of ``demo:brain`` without augmentation (``embedding_views=0``, so both see the same images; the slices are cut
+to N before the cache is built, hence not the stage's ``training_data``): *without* the
 cache every step runs the frozen image encoder; *with* it, :class:`EmbeddingDataset` (built into a fresh
 temporary folder, build time reported) feeds cached float16 embeddings to the decoder. Each run trains
 two epochs; the second epoch's wall time is compared (the first one holds start-up).
@@ -23,11 +24,11 @@ BATCH = 4
 
 
 def measure(quick: bool) -> dict:
-    from samadapt.data import SliceDataset, to_sam_input
+    from samadapt.data import SliceDataset
     from samadapt.data.manifest import load_manifest, resolve_manifest
     from samadapt.finetune.config import FinetuneConfig
     from samadapt.finetune.embeddings import EmbeddingDataset
-    from samadapt.finetune.stage import build_model
+    from samadapt.finetune.stage import build_model, make_loss_fn
     from samadapt.keys import preprocessing
     from samadapt.training import Trainer, make_accelerator
 
@@ -53,18 +54,10 @@ def measure(quick: bool) -> dict:
                 dataset = EmbeddingDataset(slices, model, Path(tmp) / "cache", 0, None, config.seed,
                                            config.eval_batch_size, accelerator.device)
                 build = time.perf_counter() - start
-
-            def loss(prepared, batch):  # the stage's loss_fn for prompt=none, with and without embeddings
-                if cached:
-                    logits = prepared(embeddings=batch["embedding"], prompts=None)
-                else:
-                    logits = prepared(to_sam_input(batch["image"]), None)
-                return model.loss_fn(logits, batch["label"], None, None), {}
-
             marks = []
             Trainer(accelerator, config, Path(tmp) / f"run_{cached}").fit(
-                model, dataset, loss, after_step=lambda step, prepared: marks.append(time.perf_counter()),
-                desc=f"cache={cached}")
+                model, dataset, make_loss_fn(config, model, use_embeddings=cached),
+                after_step=lambda step, prepared: marks.append(time.perf_counter()), desc=f"cache={cached}")
             return marks[2 * epoch_steps - 1] - marks[epoch_steps - 1], build
 
         without, _ = second_epoch_seconds(False)

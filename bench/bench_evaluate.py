@@ -101,7 +101,8 @@ def predict_rate(arch: str, count: int) -> float:
 def measure(quick: bool) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench_evaluate_") as tmp:
         split = "val" if quick else "test"  # val: MNI152 at 2 mm (small); test: Colin27 at 1 mm
-        runs = {arch: finetune_then_evaluate(arch, Path(tmp), split) for arch in (("vit_tiny",) if quick else ("vit_tiny", "vit_b"))}
+        archs = ("vit_tiny",) if quick else ("vit_tiny", "vit_b")
+        runs = {arch: finetune_then_evaluate(arch, Path(tmp), split) for arch in archs}
     share_from = "vit_tiny" if quick else "vit_b"
     run = runs[share_from]
     realistic = realistic_metric_seconds(split)

@@ -41,6 +41,8 @@ def count(grad_checkpointing: bool) -> dict[str, float]:
     images = to_sam_input(torch.rand(1, 1, SIZE, SIZE, device="meta"))
     labels = torch.zeros(1, SIZE, SIZE, dtype=torch.long, device="meta")
     with FlopCounterMode(display=False) as forward_counter:
+        # What the stage's make_loss_fn computes for prompt=none (no prompts, no class weights), called directly:
+        # make_loss_fn copies the labels to the CPU to draw prompts, which a meta tensor cannot be.
         logits = model(images, None)
         loss = model.loss_fn(logits, labels)
     with FlopCounterMode(display=False) as backward_counter:

@@ -3,11 +3,12 @@
     python bench/bench_mae.py [--quick]                   # every config (step times side by side)
     python bench/bench_mae.py --memory ARCH SIZE VARIANT  # peak RSS of one step, run in a fresh process
 
-One step = forward + loss + backward + AdamW step of :class:`MaskedAutoencoderSAM` (batch 2 at 256 px,
-batch 1 at 1024 px; decoder 256 wide, 2 blocks). Variants: ``none`` = the full grid without masking
+One step = the pretrain stage's ``masked_image_loss`` (forward + loss) + backward + AdamW step of
+:class:`MaskedAutoencoderSAM` on random slices in [0, 1] (batch 2 at 256 px, batch 1 at 1024 px; decoder 256
+wide, 2 blocks). Variants: ``none`` = the full grid without masking
 (``mask_token`` machinery with mask_ratio 0, so every block sees every token), ``drop`` = window-aligned
 token dropping at mask 0.75 (the stage default), ``mask_token`` = SimMIM full grid at mask 0.75. The three
-share one encoder and alternate step by step; peak memory (``ru_maxrss``) comes from one step of each
+share one encoder and alternate step by step; peak memory comes from one step of each
 variant in its own fresh interpreter (``VmHWM``, full run only).
 """
 
@@ -28,6 +29,8 @@ from common import (
     step_times,
 )
 
+from samadapt.pretrain.stage import masked_image_loss
+
 MASK_RATIO = 0.75
 VARIANTS = ("none", "drop", "mask_token")
 
@@ -35,7 +38,8 @@ VARIANTS = ("none", "drop", "mask_token")
 def build(arch: str, size: int) -> tuple[dict, torch.optim.Optimizer, torch.Tensor]:
     """The three variants around ONE encoder (so they share its weights and optimiser state), an AdamW
     over all their parameters (a variant's step leaves the others' decoders without grads: skipped), and a
-    batch (2 images at 256/512 px, 1 at 1024)."""
+    batch (2 images at 256/512 px, 1 at 1024). Not the stage's ``build_model``: that builds one MAE around its own
+    encoder, and ``none`` (mask_ratio 0) is no pretrain config."""
     from samadapt.models.registry import build_sam
     from samadapt.pretrain.mae import MaskedAutoencoderSAM
 
@@ -44,12 +48,13 @@ def build(arch: str, size: int) -> tuple[dict, torch.optim.Optimizer, torch.Tens
     models = {v: MaskedAutoencoderSAM(encoder, mask_ratio=0.0 if v == "none" else MASK_RATIO,
                                       variant="mask_token" if v == "none" else v) for v in VARIANTS}
     params = list({id(p): p for m in models.values() for p in m.parameters()}.values())
-    images = torch.randn(2 if size <= 512 else 1, 3, size, size)
+    images = torch.rand(2 if size <= 512 else 1, 1, size, size)
     return models, torch.optim.AdamW(params, lr=1e-4), images
 
 
 def train_step(model, optimizer, images) -> None:
-    model(images).loss.backward()
+    """``images``: B x 1 x S x S in [0, 1], as the stage's slices."""
+    masked_image_loss(model, {"image": images})[0].backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
@@ -65,7 +70,7 @@ def memory_one(arch: str, size: int, variant: str) -> dict:
                                  mask_ratio=0.0 if variant == "none" else MASK_RATIO,
                                  variant="mask_token" if variant == "none" else variant)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    images = torch.randn(2 if size <= 512 else 1, 3, size, size)
+    images = torch.rand(2 if size <= 512 else 1, 1, size, size)
     gc.collect()
     before = current_rss_gib()
     train_step(model, optimizer, images)  # the first step allocates the AdamW state too: the peak
@@ -107,8 +112,8 @@ def measure(quick: bool) -> dict:
         gc.collect()
         step_s = result["step_s"]
         value = step_s["none"] / step_s["drop"]
-        result = {"speedup_drop": round(value, 3), "speedup_mask_token": round(step_s["none"] / step_s["mask_token"], 3),
-                  **result}
+        result = {"speedup_drop": round(value, 3),
+                  "speedup_mask_token": round(step_s["none"] / step_s["mask_token"], 3), **result}
         if not quick:
             result["memory"] = {v: run_json_subprocess("bench_mae.py", "--memory", arch, str(size), v)
                                 for v in VARIANTS}

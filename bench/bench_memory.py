@@ -4,9 +4,9 @@
     python bench/bench_memory.py --one on|off        # one setting in this process
 
 One step = the stage's model (``build_model``: vit_b, image_size 1024, encoder=lora decoder=full
-prompt=none, random weights) → forward → DiceCE loss → backward → AdamW step, with grad checkpointing on
-(the goal) and off. Peak = ``VmHWM`` of the fresh interpreter (imports and weights included, the first
-step also allocates the AdamW state).
+prompt=none, random weights) → the stage's loss (``make_loss_fn``: forward, DiceCE) → backward → AdamW
+step, with grad checkpointing on (the goal) and off. Peak = ``VmHWM`` of the fresh interpreter (imports and
+weights included, the first step also allocates the AdamW state).
 """
 
 from __future__ import annotations
@@ -24,9 +24,8 @@ SIZE = 1024
 
 
 def one(checkpointing: bool) -> dict:
-    from samadapt.data import to_sam_input
     from samadapt.finetune.config import FinetuneConfig
-    from samadapt.finetune.stage import build_model
+    from samadapt.finetune.stage import build_model, make_loss_fn
 
     set_threads()
     with tempfile.TemporaryDirectory() as tmp:
@@ -35,13 +34,14 @@ def one(checkpointing: bool) -> dict:
                                 grad_checkpointing=checkpointing)
         model = build_model(config)
     model.train()
+    loss_fn = make_loss_fn(config, model, use_embeddings=False)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    images = torch.rand(1, 1, SIZE, SIZE)
-    labels = (torch.rand(1, SIZE, SIZE) > 0.5).long()
+    batch = {"image": torch.rand(1, 1, SIZE, SIZE), "label": (torch.rand(1, SIZE, SIZE) > 0.5).long(),
+             "case_id": ["random"], "slice": torch.tensor([0])}
     gc.collect()
     before = current_rss_gib()
     start = time.perf_counter()
-    model.loss_fn(model(to_sam_input(images), None), labels).backward()
+    loss_fn(model, batch)[0].backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return {"peak_rss_gib": round(peak_rss_gib(), 3), "rss_before_step_gib": round(before, 3),

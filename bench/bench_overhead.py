@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -32,53 +33,37 @@ BATCH = 4
 
 
 def finetune_setup(out: Path, augment: bool = True):
-    """(config, model, dataset, sample_weights, loss(model, batch)) exactly as ``samadapt finetune`` builds them."""
-    from samadapt.data import SliceDataset, to_sam_input
+    """(config, model, dataset, sample_weights, loss_fn, groups) exactly as ``samadapt finetune`` builds them:
+    its ``build_model``, ``training_data`` and ``make_loss_fn`` (groups None: the Trainer's default)."""
     from samadapt.data.manifest import load_manifest, resolve_manifest
     from samadapt.finetune.config import FinetuneConfig
-    from samadapt.finetune.stage import build_model
-    from samadapt.keys import preprocessing
+    from samadapt.finetune.stage import build_model, make_loss_fn, training_data
+    from samadapt.training import make_accelerator
 
     config = FinetuneConfig(data="demo:brain", out=out, num_classes=2, arch="vit_tiny", image_size=256,
                             encoder="lora", decoder="full", prompt="none", batch_size=BATCH, val_split=None,
                             save_every=10**9, resume=False)
     cases = load_manifest(resolve_manifest(config.data), split=config.split, require_labels=True)
-    dataset = SliceDataset(cases, preprocessing(config), cache_dir=config.cache_dir, labeled=True,
-                           num_classes=config.num_classes, skip_empty=config.skip_empty,
-                           empty_fraction=config.empty_fraction, augment=config.augment if augment else None,
-                           seed=config.seed)
     model = build_model(config)
-
-    def loss(prepared, batch):  # the stage's loss_fn for prompt=none
-        logits = prepared(to_sam_input(batch["image"]), None)
-        return model.loss_fn(logits, batch["label"], None, config.class_weight_values), {}
-
-    return config, model, dataset, dataset.sample_weights(), loss, None
+    # augment=False: the loop alone, without the augmentation the stage runs in the main process.
+    data_config = config if augment else replace(config, augment=None)
+    slices, dataset = training_data(data_config, model, cases, make_accelerator(config))
+    return config, model, dataset, slices.sample_weights(), make_loss_fn(config, model, use_embeddings=False), None
 
 
 def pretrain_setup(out: Path, augment: bool = False):
-    """The same for ``samadapt pretrain`` (MAE around vit_tiny's encoder, layer-wise lr groups)."""
-    from samadapt.data import to_sam_input
-    from samadapt.models.checkpoints import load_sam
+    """The same for ``samadapt pretrain`` (its ``build_dataset``, ``build_model``: MAE around vit_tiny's encoder,
+    ``masked_image_loss``) with the stage's layer-wise lr groups."""
     from samadapt.pretrain.config import PretrainConfig
-    from samadapt.pretrain.mae import MaskedAutoencoderSAM
-    from samadapt.pretrain.stage import build_dataset, layer_lr_scale
+    from samadapt.pretrain.stage import build_dataset, build_model, layer_lr_scale, masked_image_loss
     from samadapt.training import param_groups
 
     config = PretrainConfig(data="demo:ssl", out=out, arch="vit_tiny", image_size=256, batch_size=BATCH,
                             save_every=10**9, resume=False, preview_every=0)
     dataset = build_dataset(config)
-    torch.manual_seed(config.seed)
-    sam = load_sam(config.arch, config.checkpoint, image_size=config.image_size)
-    model = MaskedAutoencoderSAM(sam.image_encoder, mask_ratio=config.mask_ratio, decoder_dim=config.decoder_dim,
-                                 decoder_depth=config.decoder_depth, variant=config.variant,
-                                 norm_pix_loss=config.norm_pix_loss, grad_checkpointing=config.grad_checkpointing)
+    sam, model = build_model(config)
     groups = param_groups(model, config.weight_decay, layer_lr_scale(len(sam.image_encoder.blocks), config.layer_decay))
-
-    def loss(prepared, batch):  # the stage's loss_fn
-        return prepared(to_sam_input(batch["image"])).loss, {}
-
-    return config, model, dataset, None, loss, groups
+    return config, model, dataset, None, masked_image_loss, groups
 
 
 def interleaved(stage: str, steps: int, num_workers: int, tmp: Path, augment: bool = True) -> dict:

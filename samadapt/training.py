@@ -35,7 +35,7 @@ from samadapt.io import failed_write, temporary_name, write_text
 from samadapt.keys import TrainKeys
 from samadapt.seeds import derived_seed
 from samadapt.stage_record import PROGRESS_FILE, saved_states, state_folder
-from samadapt.stages import METRICS_FILE, STATE_DIR, TENSORBOARD_DIR
+from samadapt.stages import METRICS_FILE, TENSORBOARD_DIR
 
 # loss_fn(model, batch) -> (loss, logs): logs is {name: float}, or a zero-argument callable returning it that
 # the loop calls only for the micro-batches whose logs become a metrics row (extra metrics cost nothing
@@ -116,9 +116,10 @@ def param_groups(model: torch.nn.Module, weight_decay: float, lr_scale: Callable
         bucket["params"].append(param)
     return list(groups.values())
 
-
 @dataclass
 class TrainResult:
+    """What :meth:`Trainer.fit` did: steps reached (1-based), the step it resumed from, the last logged loss."""
+
     steps: int
     resumed_from: int | None
     final_loss: float
@@ -126,12 +127,231 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
+def first_nonfinite(named: list[tuple[str, torch.Tensor]]) -> str:
+    """The first trainable weight, else the first gradient, holding a NaN/Inf (a full scan: for error messages)."""
+    for name, param in named:
+        if not torch.isfinite(param.detach()).all():
+            return f"parameter {name}"
+    for name, param in named:
+        if param.grad is not None and not torch.isfinite(param.grad).all():
+            return f"gradient of {name}"
+    return "none among the trainable weights and their gradients"
+
+
+def _summary_writer(folder: Path, start: int):
+    """A TensorBoard SummaryWriter on ``folder``, None without the package (metrics.csv has the same rows).
+    ``purge_step`` drops the events a killed run logged after the state it resumes from."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(folder), purge_step=start or None)
+
+
+class MetricsLog:
+    """The rows of ``out/metrics.csv`` (rewritten whole at each row) and their TensorBoard scalars.
+
+    A row: ``step`` (1-based), ``loss`` (mean over micro-batches and processes), ``lr``, ``images_per_s`` (over
+    the training time since the previous row: time inside :meth:`paused` is left out) and the loss's logs.
+    Every process keeps the rows; only the main one writes them."""
+
+    def __init__(self, out_dir: Path, accelerator: Accelerator, keys: TrainKeys, start: int, desc: str):
+        self.path, self.desc, self.main = out_dir / METRICS_FILE, desc, accelerator.is_main_process
+        self.images_per_step = keys.batch_size * keys.grad_accumulation * accelerator.num_processes
+        self.rows = self._read(start)
+        self.board = _summary_writer(out_dir / TENSORBOARD_DIR, start) if keys.tensorboard and self.main else None
+        self.window_start, self.window_step = time.perf_counter(), start
+
+    def add(self, step: int, loss: float, lr: float, logs: dict[str, float] | Callable[[], dict[str, float]]) -> dict:
+        """Append (and write) the row of ``step``; ``logs`` may be a callable (see ``LossFn``), called here."""
+        elapsed = time.perf_counter() - self.window_start
+        row = {"step": step, "loss": round(loss, 6), "lr": lr,
+               "images_per_s": round(self.images_per_step * (step - self.window_step) / max(elapsed, 1e-9), 3),
+               **{k: round(float(v), 6) for k, v in (logs() if callable(logs) else logs).items()}}
+        self.rows.append(row)
+        self.window_start, self.window_step = time.perf_counter(), step
+        if self.main:
+            self._write()
+            if self.board is not None:
+                for name, value in row.items():
+                    if name != "step":
+                        self.board.add_scalar(f"{self.desc}/{name}", value, step)
+        return row
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Time spent in this block (validation, previews) does not count towards ``images_per_s``."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.window_start += time.perf_counter() - start
+
+    def close(self) -> None:
+        if self.board is not None:
+            self.board.close()
+
+    def _read(self, start: int) -> list[dict[str, Any]]:
+        """Rows of a previous run up to the resumed step (later rows belong to the lost part)."""
+        if not start or not self.path.is_file():
+            return []
+        with open(self.path, newline="", encoding="utf-8") as handle:
+            return [row for row in csv.DictReader(handle) if int(row["step"]) <= start]
+
+    def _write(self) -> None:
+        buffer = io.StringIO()  # the header: every name in the order it first appeared
+        writer = csv.DictWriter(buffer, fieldnames=list(dict.fromkeys(k for row in self.rows for k in row)))
+        writer.writeheader()
+        writer.writerows(self.rows)
+        write_text(self.path, buffer.getvalue())
+
+
 class Trainer:
     """Runs ``loss_fn(model, batch)`` for ``keys.steps`` optimiser steps with checkpoint/resume."""
 
     def __init__(self, accelerator: Accelerator, keys: TrainKeys, out_dir: str | os.PathLike):
         self.accelerator, self.keys, self.out_dir = accelerator, keys, Path(out_dir)
-        self.state_root = self.out_dir / STATE_DIR
+        self._named: list[tuple[str, torch.nn.Parameter]] = []  # (name, parameter) the optimiser updates, in order
+
+    # ---------------------------------------------------------------- the loop
+    def fit(
+        self,
+        model: torch.nn.Module,
+        dataset: Dataset,
+        loss_fn: LossFn,
+        *,
+        groups: list[dict[str, Any]] | None = None,
+        sample_weights: torch.Tensor | None = None,
+        collate_fn: Callable | None = None,
+        after_step: Callable[[int, torch.nn.Module], bool | None] | None = None,
+        stateful: dict[str, Any] | None = None,
+        desc: str = "train",
+    ) -> TrainResult:
+        """Train ``model`` (unprepared) and return when ``keys.steps`` are done or ``after_step`` says stop.
+
+        ``loss_fn(prepared_model, batch) -> (scalar loss, logs)`` runs under autocast (see ``LossFn``).
+        ``after_step(step, prepared_model)`` runs on every process after each step (previews,
+        validation); returning True stops training early. ``stateful`` objects (``state_dict()`` →
+        JSON-able dict, ``load_state_dict``) are saved with every state and restored on resume, e.g. a
+        validator's best score. The prepared model stays in ``self.model``.
+
+        A non-finite loss or gradient norm (any process), or non-finite weights before a state is saved or
+        after the last step, is a UserError naming the step and the first non-finite tensor: a diverged run
+        never leaves a state or a result behind."""
+        acc, keys = self.accelerator, self.keys
+        model, optimizer, loader = self._prepare(model, dataset, groups, sample_weights, collate_fn)
+        self.model, stateful = model, stateful or {}
+        start = self._resume(stateful)
+        names = {id(p): name for name, p in acc.unwrap_model(model).named_parameters()}
+        self._named = [(names.get(id(p), f"param_groups[{i}][{j}]"), p)
+                       for i, group in enumerate(optimizer.param_groups) for j, p in enumerate(group["params"])]
+        stream = self._batches(loader, start * keys.grad_accumulation)
+        metrics = MetricsLog(self.out_dir, acc, keys, start, desc)
+        bar = tqdm(total=keys.steps, initial=start, desc=desc, disable=not acc.is_main_process,
+                   dynamic_ncols=True, mininterval=1.0)
+        model.train()
+        t0, step, loss_value = time.perf_counter(), start, float("nan")
+        try:  # the bar ends its line even when a step fails, so an error message starts on its own line
+            while step < keys.steps:
+                loss_sum, logs, lr = self._optimizer_step(model, optimizer, stream, loss_fn, step)
+                step += 1
+                if step % keys.log_every == 0 or step == keys.steps:
+                    loss_value = self._log(metrics, bar, step, lr, loss_sum, logs)
+                bar.update(1)
+                if after_step is not None:
+                    with metrics.paused():  # validation and previews are not training time
+                        if after_step(step, model):
+                            break
+                # After the hook, so that a saved step has also been validated (the validator's state is saved too).
+                if step % keys.save_every == 0 and step < keys.steps:
+                    self._save_state(step, stateful)
+            self._check_weights(step)  # what the stage exports next
+        finally:
+            bar.close()
+            metrics.close()
+        return TrainResult(steps=step, resumed_from=start or None, final_loss=loss_value,
+                           seconds=time.perf_counter() - t0, history=metrics.rows)
+
+    def _prepare(self, model, dataset, groups, sample_weights, collate_fn):
+        """(model, AdamW, DataLoader over a seeded :class:`EpochSampler`), prepared by accelerate (moved to the
+        device, wrapped for several processes, the loader sharded across them)."""
+        acc, keys = self.accelerator, self.keys
+        if len(dataset) < keys.batch_size * acc.num_processes:
+            raise UserError(f"only {len(dataset)} training items for batch_size={keys.batch_size} x "
+                            f"{acc.num_processes} processes — lower batch_size or add data")
+        sampler = EpochSampler(len(dataset), keys.seed, sample_weights)
+        loader = DataLoader(dataset, batch_size=keys.batch_size, sampler=sampler, drop_last=True,
+                            num_workers=keys.num_workers, collate_fn=collate_fn,
+                            persistent_workers=False, pin_memory=acc.device.type == "cuda")
+        groups = groups if groups is not None else param_groups(model, keys.weight_decay)
+        optimizer = torch.optim.AdamW(groups, lr=keys.lr)
+        return acc.prepare(model, optimizer, loader)
+
+    def _optimizer_step(self, model, optimizer, stream: Iterator[Any], loss_fn: LossFn, step: int):
+        """The 0-based ``step``: the scheduled lr (keys.lr x schedule x each group's ``lr_scale``),
+        ``grad_accumulation`` micro-batches forward and backward, clipping, a health check, the update.
+
+        Returns (sum of the micro-batch losses: 0-dim tensor on the device, the last logs, the scheduled lr)."""
+        acc, keys = self.accelerator, self.keys
+        lr = keys.lr * lr_factor(step, keys.steps, keys.warmup_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+        loss_sum, logs = torch.zeros((), device=acc.device), {}
+        for micro in range(keys.grad_accumulation):
+            batch = next(stream)
+            # Masks, dropout and prompt jitter come from the global RNG seeded per micro-batch *after*
+            # fetching it (a new DataLoader iterator draws from that RNG): a resumed run draws the same.
+            torch.manual_seed(step_seed(keys.seed, step * keys.grad_accumulation + micro, acc.process_index))
+            last = micro == keys.grad_accumulation - 1
+            # Processes all-reduce gradients in the last micro-batch's backward only.
+            with (acc.no_sync(model) if not last else contextlib.nullcontext()), acc.autocast():
+                loss, logs = loss_fn(model, batch)
+                acc.backward(loss / keys.grad_accumulation)
+            loss_sum += loss.detach()
+        grad_norm = acc.clip_grad_norm_([p for _, p in self._named], keys.max_grad_norm) if keys.max_grad_norm else None
+        self._check_step(step + 1, loss_sum, grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss_sum, logs, lr
+
+    def _log(self, metrics: MetricsLog, bar, step: int, lr: float, loss_sum: torch.Tensor, logs) -> float:
+        """The metrics row of ``step`` (every process: the loss is averaged across them); returns its loss."""
+        loss = self.accelerator.reduce(loss_sum, reduction="mean").item() / self.keys.grad_accumulation
+        row = metrics.add(step, loss, lr, logs)
+        if self.accelerator.is_main_process:
+            bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{row['images_per_s']:.1f}")
+        return loss
+
+    # ---------------------------------------------------------------- non-finite training
+    def _check_step(self, step: int, loss_sum: torch.Tensor, grad_norm: torch.Tensor | None) -> None:
+        """UserError if step ``step``'s loss (summed over micro-batches) or gradient norm is NaN/Inf on any
+        process, before the update is applied.
+
+        Costs one all-reduce of two numbers and one host sync per step; every process reaches the same
+        decision, so none is left waiting in a collective that another one skipped."""
+        # Under fp16 the GradScaler expects an overflowing (inf) gradient now and then and skips that step.
+        checked = grad_norm is not None and self.accelerator.scaler is None
+        norm = grad_norm.detach().float().to(loss_sum.device) if checked else torch.zeros((), device=loss_sum.device)
+        loss, norm = self.accelerator.reduce(torch.stack([loss_sum.float(), norm]), reduction="sum").tolist()
+        if not math.isfinite(loss):
+            raise self._nonfinite(step, f"loss is {loss}")
+        if not math.isfinite(norm):
+            raise self._nonfinite(step, f"gradient norm is {norm}")
+
+    def _check_weights(self, step: int) -> None:
+        """UserError if a trainable weight is NaN/Inf after ``step``: run before a state is saved and after the
+        last step (one max-abs per tensor and one sync; a bad update also shows in the next step's loss)."""
+        peaks = torch.stack([torch.linalg.vector_norm(p.detach(), float("inf")).float() for _, p in self._named
+                             if p.numel()])
+        bad = (~torch.isfinite(peaks)).any().float()
+        if self.accelerator.reduce(bad, reduction="sum").item():
+            raise self._nonfinite(step, "the weights are non-finite after the optimiser step")
+
+    def _nonfinite(self, step: int, what: str) -> UserError:
+        keys = self.keys
+        return UserError(f"step {step}: {what} — first non-finite tensor: {first_nonfinite(self._named)} "
+                         f"(lr={keys.lr:g}, weight_decay={keys.weight_decay:g}, max_grad_norm={keys.max_grad_norm}: "
+                         "check these keys, the input data and the checkpoint)")
 
     # ---------------------------------------------------------------- states
     def saved_states(self) -> list[Path]:
@@ -139,6 +359,7 @@ class Trainer:
         return saved_states(self.out_dir)
 
     def _save_state(self, step: int, stateful: dict[str, Any]) -> None:
+        self._check_weights(step)  # a state that exists is one worth resuming from
         acc = self.accelerator
         final = state_folder(self.out_dir, step)
         tmp = temporary_name(final, shared=True)  # one name for every rank
@@ -189,133 +410,3 @@ class Trainer:
                 loader.dataset.set_epoch(epoch)
             yield from current
             epoch, skip = epoch + 1, 0
-
-    # ---------------------------------------------------------------- loop
-    def fit(
-        self,
-        model: torch.nn.Module,
-        dataset: Dataset,
-        loss_fn: LossFn,
-        *,
-        groups: list[dict[str, Any]] | None = None,
-        sample_weights: torch.Tensor | None = None,
-        collate_fn: Callable | None = None,
-        after_step: Callable[[int, torch.nn.Module], bool | None] | None = None,
-        stateful: dict[str, Any] | None = None,
-        desc: str = "train",
-    ) -> TrainResult:
-        """Train ``model`` (unprepared) and return when ``keys.steps`` are done or ``after_step`` says stop.
-
-        ``loss_fn(prepared_model, batch) -> (scalar loss, logs)`` runs under autocast (see ``LossFn``).
-        ``after_step(step, prepared_model)`` runs on every process after each step (previews,
-        validation); returning True stops training early. ``stateful`` objects (``state_dict()`` →
-        JSON-able dict, ``load_state_dict``) are saved with every state and restored on resume, e.g. a
-        validator's best score. The prepared model stays in ``self.model``."""
-        acc, keys = self.accelerator, self.keys
-        if len(dataset) < keys.batch_size * acc.num_processes:
-            raise UserError(f"only {len(dataset)} training items for batch_size={keys.batch_size} x "
-                            f"{acc.num_processes} processes — lower batch_size or add data")
-        sampler = EpochSampler(len(dataset), keys.seed, sample_weights)
-        loader = DataLoader(dataset, batch_size=keys.batch_size, sampler=sampler, drop_last=True,
-                            num_workers=keys.num_workers, collate_fn=collate_fn,
-                            persistent_workers=False, pin_memory=acc.device.type == "cuda")
-        groups = groups if groups is not None else param_groups(model, keys.weight_decay)
-        optimizer = torch.optim.AdamW(groups, lr=keys.lr)
-        model, optimizer, loader = acc.prepare(model, optimizer, loader)
-        self.model = model
-        stateful = stateful or {}
-        start = self._resume(stateful)
-        history = self._read_history(start)
-        params = [p for g in optimizer.param_groups for p in g["params"]]
-        stream = self._batches(loader, start * keys.grad_accumulation)
-
-        board = self._tensorboard(start)
-        bar = tqdm(total=keys.steps, initial=start, desc=desc, disable=not acc.is_main_process,
-                   dynamic_ncols=True, mininterval=1.0)
-        model.train()
-        t0, window_start, loss_value, logs = time.perf_counter(), time.perf_counter(), float("nan"), {}
-        images_per_step = keys.batch_size * keys.grad_accumulation * acc.num_processes
-        step = last_logged = start
-        try:  # the bar ends its line even when a step fails, so an error message starts on its own line
-            while step < keys.steps:
-                factor = lr_factor(step, keys.steps, keys.warmup_steps)
-                for group in optimizer.param_groups:
-                    group["lr"] = keys.lr * factor * group.get("lr_scale", 1.0)
-                loss_sum = torch.zeros((), device=acc.device)
-                for micro in range(keys.grad_accumulation):
-                    batch = next(stream)
-                    # Masks, dropout and prompt jitter come from the global RNG seeded per micro-batch *after*
-                    # fetching it (a new DataLoader iterator draws from that RNG): a resumed run draws the same.
-                    torch.manual_seed(step_seed(keys.seed, step * keys.grad_accumulation + micro, acc.process_index))
-                    last = micro == keys.grad_accumulation - 1
-                    with (acc.no_sync(model) if not last else contextlib.nullcontext()), acc.autocast():
-                        loss, logs = loss_fn(model, batch)
-                        acc.backward(loss / keys.grad_accumulation)
-                    loss_sum += loss.detach()
-                if keys.max_grad_norm:
-                    acc.clip_grad_norm_(params, keys.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                if step % keys.log_every == 0 or step == keys.steps:
-                    loss_value = acc.reduce(loss_sum, reduction="mean").item() / keys.grad_accumulation
-                    elapsed = time.perf_counter() - window_start
-                    row = {"step": step, "loss": round(loss_value, 6), "lr": keys.lr * factor,
-                           "images_per_s": round(images_per_step * (step - last_logged) / max(elapsed, 1e-9), 3),
-                           **{k: round(float(v), 6) for k, v in (logs() if callable(logs) else logs).items()}}
-                    history.append(row)
-                    window_start, last_logged = time.perf_counter(), step
-                    if acc.is_main_process:
-                        self._write_history(history)
-                        if board is not None:
-                            for name, value in row.items():
-                                if name != "step":
-                                    board.add_scalar(f"{desc}/{name}", value, step)
-                        bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{row['images_per_s']:.1f}")
-                bar.update(1)
-                if after_step is not None:
-                    hook_start = time.perf_counter()
-                    stop = after_step(step, model)
-                    window_start += time.perf_counter() - hook_start  # validation/previews are not training time
-                    if stop:
-                        break
-                # After the hook, so that a saved step has also been validated (the validator's state is saved too).
-                if step % keys.save_every == 0 and step < keys.steps:
-                    self._save_state(step, stateful)
-        finally:
-            bar.close()
-            if board is not None:
-                board.close()
-        return TrainResult(steps=step, resumed_from=start or None, final_loss=loss_value,
-                           seconds=time.perf_counter() - t0, history=history)
-
-    # ---------------------------------------------------------------- metrics.csv, TensorBoard
-    def _tensorboard(self, start: int):
-        """A SummaryWriter on out/tensorboard/ (main process, ``tensorboard=true``, package installed), else
-        None. ``purge_step`` drops the events a killed run logged after the state it resumes from."""
-        if not (self.keys.tensorboard and self.accelerator.is_main_process):
-            return None
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:  # tensorboard is optional: metrics.csv has the same rows
-            return None
-        return SummaryWriter(str(self.out_dir / TENSORBOARD_DIR), purge_step=start or None)
-
-    def _read_history(self, start: int) -> list[dict[str, Any]]:
-        """Rows of a previous run up to the resumed step (later rows belong to the lost part)."""
-        path = self.out_dir / METRICS_FILE
-        if not start or not path.is_file():
-            return []
-        with open(path, newline="", encoding="utf-8") as handle:
-            return [row for row in csv.DictReader(handle) if int(row["step"]) <= start]
-
-    def _write_history(self, rows: list[dict[str, Any]]) -> None:
-        names: list[str] = []
-        for row in rows:
-            names += [k for k in row if k not in names]
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=names)
-        writer.writeheader()
-        writer.writerows(rows)
-        write_text(self.out_dir / METRICS_FILE, buffer.getvalue())
-

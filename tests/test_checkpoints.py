@@ -278,3 +278,26 @@ def test_convert_pth_to_safetensors_and_back(tiny_pth, tmp_path, capsys):
         run_cli("checkpoint", "convert", str(tiny_pth), str(tmp_path / "x.pth"), "image_size=512")
     with pytest.raises(UserError, match="unknown output format"):
         run_cli("checkpoint", "convert", str(tiny_pth), str(tmp_path / "x.onnx"))
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_checkpoint_with_nan_or_inf_weights_is_refused_naming_the_first_bad_tensor(tiny_pth, tmp_path, suffix):
+    state_dict = load_state_dict(tiny_pth)
+    names = list(state_dict)
+    # An image_encoder key, then the last (mask_decoder) key: in this order in the state dict and in safetensors'
+    # sorted keys alike.
+    first, later = names[1], names[-1]
+    assert first.startswith("image_encoder.") and later.startswith("mask_decoder.")
+    state_dict[first].view(-1)[0] = float("nan")
+    state_dict[later].view(-1)[-1] = float("inf")
+    path = tmp_path / f"diverged{suffix}"
+    if suffix == ".pth":
+        torch.save(state_dict, path)
+    else:
+        save_safetensors(state_dict, path, {})
+    message = rf"diverged\{suffix}: tensor {re.escape(first)} holds 1 NaN/Inf values .* use another checkpoint"
+    with pytest.raises(UserError, match=message) as error:
+        run_cli("checkpoint", "info", str(path))
+    assert "\n" not in str(error.value)
+    with pytest.raises(UserError, match=message):
+        load_sam("vit_tiny", path)

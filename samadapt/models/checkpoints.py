@@ -35,16 +35,32 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     """A checkpoint's state dict (name → CPU tensor) and metadata (safetensors header; empty for .pth).
 
     Raises a one-line UserError naming the file for a missing, unreadable, truncated or corrupt file,
-    a pickle that would need code execution, and a file that holds no state dict."""
+    a pickle that would need code execution, a file that holds no state dict, and NaN/Inf weights."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: checkpoint not found — check the path (checkpoint=none for random init)")
     suffix = path.suffix.lower()
     if suffix == SAFETENSORS_SUFFIX:
-        return load_safetensors(path)
-    if suffix not in TORCH_SUFFIXES:
+        state_dict, metadata = load_safetensors(path)
+    elif suffix in TORCH_SUFFIXES:
+        state_dict, metadata = _as_state_dict(_torch_load(path), path), {}
+    else:
         raise UserError(f"{path}: unknown checkpoint format — expected .pth, .pt or .safetensors")
-    return _as_state_dict(_torch_load(path), path), {}
+    _check_finite(state_dict, path)
+    return state_dict, metadata
+
+
+def _check_finite(state_dict: dict[str, torch.Tensor], path: Path) -> None:
+    """UserError naming the first tensor with a NaN/Inf (weights of a diverged run would train and predict NaN).
+
+    One float32 sum per tensor (~0.3 s for vit_b on 2 cores, a third of an ``isfinite`` pass): a non-finite
+    element makes the sum non-finite; a finite sum that overflowed is told apart by the exact check."""
+    for name, tensor in state_dict.items():
+        if tensor.is_floating_point() and tensor.numel() and not torch.isfinite(tensor.sum(dtype=torch.float32)):
+            bad = int((~torch.isfinite(tensor)).sum())
+            if bad:
+                raise UserError(f"{path}: tensor {name} holds {bad} NaN/Inf values (of {tensor.numel()}) — the "
+                                "weights are corrupt, e.g. saved from a diverged run; use another checkpoint")
 
 
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
