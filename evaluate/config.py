@@ -43,3 +43,10 @@ class PredictConfig(InferenceKeys):
     input: str = required("an image file, a folder of images / DICOM series, or a manifest")
     modality: str | None = key(None, "modality of the inputs (MR, CT); none = the manifest's or the training data's")
     save_probabilities: bool = key(False, "also write class probabilities as a 4D image per case")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.modality is not None:  # ct → CT; XR is refused, not silently normalised as MR
+            from samadapt.data.normalise import require_modality
+
+            self.modality = require_modality(self.modality, "modality=")

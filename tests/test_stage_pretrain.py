@@ -112,7 +112,7 @@ def test_pretrain_refuses_a_labeled_manifest_without_images(tmp_path, small_mani
 
 
 @pytest.mark.parametrize(
-    "override, fragment", [("mask_ratio=1.5", "mask_ratio"), ("skip_empty=1.0", "no usable slices")]
+    "override, fragment", [("mask_ratio=1.5", "mask_ratio"), ("skip_empty=0.999", "no usable slices")]
 )
 def test_pretrain_bad_settings_are_one_line_errors(small_manifests, tiny_checkpoint, tmp_path, override, fragment):
     key, value = override.split("=")
