@@ -22,7 +22,6 @@ its outputs' hashes, so everything downstream reruns too.
 from __future__ import annotations
 
 import itertools
-import os
 import re
 from dataclasses import dataclass, field
 from importlib import resources
@@ -32,7 +31,7 @@ from typing import Any
 from samadapt.config import build, iter_keys, parse_overrides, read_yaml, to_dict
 from samadapt.errors import UserError
 from samadapt.io import write_json
-from samadapt.stage_record import STAGE_OUTPUT, check_output, discard_states, stage_status, versions
+from samadapt.stage_record import STAGE_OUTPUT, check_output, discard_states, is_main_process, stage_status, versions
 from samadapt.stages import STAGES
 
 PIPELINE_KEYS = {"name", "defaults", "matrix", "stages", "compare", "description"}
@@ -259,13 +258,8 @@ def _substitute(value: Any, stage: Stage, by_name: dict[str, Stage]) -> Any:
     return replace(full) if full else REF.sub(replace, value)
 
 
-def _is_main_process() -> bool:
-    """Under ``accelerate launch`` every process runs the pipeline; only rank 0 talks and writes its files."""
-    return os.environ.get("RANK", "0") == "0"
-
-
 def _say(text: str) -> None:
-    if _is_main_process():
+    if is_main_process():
         print(text, flush=True)
 
 
@@ -301,7 +295,7 @@ def run_pipeline(
     _check_overrides(parsed, stages)
     selected = _select(stages, start, until)
     configs = {s.name: resolve_config(s, by_name, spec.get("defaults") or {}, parsed) for s in stages}
-    if not dry_run and _is_main_process():  # the bundle first: it explains a run that fails half-way too
+    if not dry_run and is_main_process():  # the bundle first: it explains a run that fails half-way too
         write_json(
             root / "pipeline.json",
             {
@@ -337,7 +331,7 @@ def run_pipeline(
         result = STAGES[stage.command].run_function()(config)
         if result is not None and not getattr(result, "ok", True):
             raise UserError(f"stage {stage.name} failed — see {stage.out}")
-    if not dry_run and _is_main_process():
+    if not dry_run and is_main_process():
         _compare(spec, stages, root, source)
     return outcome
 

@@ -104,7 +104,7 @@ class StageRun:
             self.lock.release()
 
 
-def _is_main_process() -> bool:
+def is_main_process() -> bool:
     """Rank 0 of an ``accelerate launch`` (or a plain process): the one that claims and cleans ``out``."""
     return os.environ.get("RANK", "0") == "0"
 
@@ -123,7 +123,7 @@ def begin_stage(stage: str, config: Any, **input_paths: str | os.PathLike | None
     input_files = [p for entry in inputs.values() if entry for p in (entry["path"], *entry.get("files", {}))]
     check_output(stage, out, input_files)
     ensure_writable_dir(out)
-    lock = hold_lock(out) if _is_main_process() else None
+    lock = hold_lock(out) if is_main_process() else None
     (out / STAGE_OUTPUT).unlink(missing_ok=True)
     remove_stale_temporaries(out)
     current = {"stage": stage, "config": to_dict(config), "inputs": inputs}
