@@ -11,6 +11,13 @@ Windows on the padded border hold fewer real patches (vit_b at 256 px: 196, 28, 
 ratio is honoured in units (``U - floor(U * (1 - mask_ratio))`` windows masked, lightly's
 ``random_token_mask`` rounding) and only approximately in patches.
 
+Patch-level units (``variant=patch_drop``, UM-MAE's uniform masking generalised to any ratio):
+``random_patch_mask`` keeps, in *every* window, the same fraction of its real patches, chosen at random
+inside the window — ``max(1, floor(n_u * (1 - mask_ratio)))`` of window u's ``n_u`` patches. Every image
+and every full window then hold the same number of visible tokens, so the kept tokens form a dense
+``B x U x K x C`` tensor (K = the largest count; border windows of a padded grid fill the rest of their
+K slots with flagged, ignored entries) and the compute per step is fixed.
+
 Layouts: ``B x U x T x C`` window-major tokens (``T = w * w``), in the order of segment_anything's own
 ``window_partition`` (row of windows, then column; inside a window row-major), padding included.
 """
@@ -76,6 +83,36 @@ class WindowLayout:
         unit_mask = torch.zeros(batch, self.num_units, device=idx_mask.device).scatter(1, idx_mask, 1.0)
         windows = unit_mask[:, :, None, None].expand(-1, -1, self.tokens_per_unit, 1)
         return self.unpartition(windows).reshape(batch, -1)
+
+
+    def keep_counts(self, mask_ratio: float) -> Tensor:
+        """long U: visible patches per window under ``random_patch_mask`` (lightly's floor rounding, at
+        least one so that no window is left without a query)."""
+        real = self.valid.sum(dim=1)
+        return (real * (1 - mask_ratio)).floor().long().clamp(min=1)
+
+    def random_patch_mask(self, batch_size: int, mask_ratio: float, device: torch.device) -> tuple[Tensor, Tensor]:
+        """Random visible patches, ``keep_counts`` per window.
+
+        Returns (idx B x U x K: positions inside each window in [0, T), slot_valid bool U x K: False for the
+        slots beyond a window's count, which point at padding positions or at masked patches and must be
+        ignored). With mask_ratio 0 the real patches of every window are kept, in random order.
+        """
+        counts = self.keep_counts(mask_ratio).to(device)
+        # Same draw as lightly's random_token_mask (argsort of uniform noise), per window; padding sorts last.
+        noise = torch.rand(batch_size, self.num_units, self.tokens_per_unit, device=device)
+        noise = noise.masked_fill(~self.valid.to(device), 2.0)
+        kept = int(counts.max())
+        idx = noise.argsort(dim=-1)[..., :kept]
+        return idx, torch.arange(kept, device=device) < counts[:, None]
+
+    def padding_positions(self) -> tuple[Tensor, Tensor]:
+        """Padding positions of each window (SAM feeds them as zeros after norm1, so they are keys in
+        windowed attention): (idx long U x P positions in [0, T), valid bool U x P), P = most padding."""
+        order = self.valid.long().argsort(dim=1, stable=True)  # padding first
+        most = int((~self.valid).sum(dim=1).max())
+        idx = order[:, :most]
+        return idx, ~self.valid.gather(1, idx)
 
 
 def patch_mask_from_indices(idx_mask: Tensor, num_patches: int) -> Tensor:

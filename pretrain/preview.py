@@ -1,4 +1,5 @@
-"""Reconstruction previews: one row per image, columns input | masked | reconstruction."""
+"""Reconstruction previews: one row per image, columns input | masked | reconstruction (the last
+only when the MAE predicts pixels)."""
 
 from __future__ import annotations
 
@@ -21,8 +22,11 @@ def write_preview(mae, images: torch.Tensor, path: Path) -> Path:
     output = mae(images)
     masked, reconstructed = mae.reconstruct(images, output)
     mae.train(was_training)
-    columns = {"input": images, "masked": masked, "reconstruction": reconstructed}
-    figure, axes = plt.subplots(len(images), 3, figsize=(7.5, 2.5 * len(images)), squeeze=False)
+    columns = {"input": images, "masked": masked}
+    if reconstructed is not None:  # target=features predicts no pixels
+        columns["reconstruction"] = reconstructed
+    figure, axes = plt.subplots(len(images), len(columns), figsize=(2.5 * len(columns), 2.5 * len(images)),
+                                squeeze=False)
     for row in range(len(images)):
         for col, (title, batch) in enumerate(columns.items()):
             gray = batch[row].float().mean(0).cpu()  # channels are copies of one grey slice

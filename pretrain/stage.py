@@ -65,13 +65,17 @@ def build_model(config: PretrainConfig) -> tuple[torch.nn.Module, MaskedAutoenco
         raise UserError(f"arch={config.arch}: MAE pretraining needs a plain-ViT encoder (vit_b/l/h/tiny)")
     mae = MaskedAutoencoderSAM(sam.image_encoder, mask_ratio=config.mask_ratio, decoder_dim=config.decoder_dim,
                                decoder_depth=config.decoder_depth, variant=config.variant,
-                               norm_pix_loss=config.norm_pix_loss, grad_checkpointing=config.grad_checkpointing)
+                               norm_pix_loss=config.norm_pix_loss, grad_checkpointing=config.grad_checkpointing,
+                               target=config.target, feature_weight=config.feature_weight)
     return sam, mae
 
 
 def masked_image_loss(model, batch):
-    """The loss for :meth:`Trainer.fit`: the MAE's reconstruction loss on the masked patches."""
-    return model(to_sam_input(batch["image"])).loss, {}
+    """The loss for :meth:`Trainer.fit`: the MAE's loss on the masked patches; with target=both the pixel and
+    feature parts are logged too (``pixels_loss``, ``features_loss`` in metrics.csv)."""
+    output = model(to_sam_input(batch["image"]))
+    parts = {name: part.detach() for name, part in output.parts.items()} if len(output.parts) > 1 else {}
+    return output.loss, lambda: {f"{name}_loss": part.item() for name, part in parts.items()}
 
 
 def preview_hook(config: PretrainConfig, dataset: SliceDataset, accelerator):

@@ -1,21 +1,25 @@
 """MAE on SAM's encoder: token dropping is exact where it should be, masks and loss do what they say,
-and both variants train."""
+every variant trains, and the feature target leaves its frozen teacher untouched."""
 
 from __future__ import annotations
 
 import copy
 from functools import partial
 
+import matplotlib.pyplot as plt
 import pytest
 import torch
 from lightly.models.utils import normalize_mean_var, patchify
 from segment_anything.modeling import ImageEncoderViT
+from segment_anything.modeling.image_encoder import add_decomposed_rel_pos
 
 from samadapt.errors import UserError
 from samadapt.models.registry import build_image_encoder, build_sam
 from samadapt.pretrain.mae import MaskedAutoencoderSAM, mae_loss
 from samadapt.pretrain.masking import WindowLayout
-from samadapt.pretrain.sparse_blocks import global_block, sparse_global_attention, windowed_block
+from samadapt.pretrain.preview import write_preview
+from samadapt.pretrain.sparse_blocks import global_block, patch_windowed_block, sparse_attention, windowed_block
+from samadapt.training import param_groups
 
 torch.set_num_threads(2)
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -65,18 +69,24 @@ def full_block_features(encoder: ImageEncoderViT, images: torch.Tensor) -> torch
     return x
 
 
+ENCODERS = {
+    "vit_tiny@256": lambda: randomise_positions(build_image_encoder("vit_tiny", 256)),
+    "window14@256-pad28": lambda: small_encoder(256, global_attn_indexes=(1,), depth=3),
+    "window14@1024-pad70": lambda: small_encoder(1024),
+}
+
+
+# patch_drop at 1024 px keeps all 4096 tokens in 25 x 196 slots (slow global attention); the padded 256-px layout
+# already has full, edge and corner windows.
 @pytest.mark.parametrize(
-    "make_encoder",
-    [
-        pytest.param(lambda: randomise_positions(build_image_encoder("vit_tiny", 256)), id="vit_tiny@256"),
-        pytest.param(lambda: small_encoder(256, global_attn_indexes=(1,), depth=3), id="window14@256-pad28"),
-        pytest.param(lambda: small_encoder(1024), id="window14@1024-pad70"),
-    ],
+    "make_encoder, variant",
+    [pytest.param(ENCODERS[name], variant, id=f"{variant}-{name}") for variant in ("drop", "patch_drop")
+     for name in ENCODERS if (variant, name) != ("patch_drop", "window14@1024-pad70")],
 )
-def test_drop_with_nothing_masked_equals_encoder_blocks(make_encoder):
+def test_dropping_with_nothing_masked_equals_encoder_blocks(make_encoder, variant):
     encoder = make_encoder()
     images = torch.randn(2, 3, encoder.img_size, encoder.img_size)
-    model = MaskedAutoencoderSAM(encoder, mask_ratio=0.0, variant="drop", decoder_dim=32, decoder_heads=2)
+    model = MaskedAutoencoderSAM(encoder, mask_ratio=0.0, variant=variant, decoder_dim=32, decoder_heads=2)
     with torch.no_grad():
         tokens, mask = model.encode(images)
         reference = full_block_features(encoder, images)
@@ -97,6 +107,65 @@ def test_windowed_block_on_kept_windows_equals_full_block_there():
         full = layout.partition(block(x))[torch.arange(2)[:, None], idx_keep]
         sparse = windowed_block(block, kept, valid)
     torch.testing.assert_close(sparse[valid], full[valid], **TOL)
+
+
+def test_patch_windowed_block_equals_an_explicit_loop_over_windows():
+    """Masked patches are removed as keys; padding positions stay keys (SAM pads after norm1 with zeros)."""
+    encoder = small_encoder(256, global_attn_indexes=(1,))  # grid 16 padded to 28: 196, 28, 28, 4 real
+    block, layout = encoder.blocks[0], WindowLayout(16, 14)
+    attn, w = block.attn, 14
+    torch.manual_seed(0)
+    x = torch.randn(2, 16, 16, 32)
+    idx, slot_valid = layout.random_patch_mask(2, 0.75, torch.device("cpu"))
+    windows = layout.partition(x)
+    kept = windows.gather(2, idx[..., None].expand(-1, -1, -1, 32))
+    padding, padding_valid = layout.padding_positions()
+    with torch.no_grad():
+        sparse = patch_windowed_block(block, kept, slot_valid.expand(2, -1, -1), idx // w, idx % w, padding,
+                                      padding_valid)
+        normed = block.norm1(windows) * layout.valid[..., None]  # the padded window as SAM's block sees it
+        for b in range(2):
+            for unit in range(layout.num_units):
+                visible = idx[b, unit][slot_valid[unit]]
+                keys = ~layout.valid[unit]  # padding positions ...
+                keys[visible] = True  # ... and the visible patches
+                q, k, v = attn.qkv(normed[b, unit]).reshape(w * w, 3, attn.num_heads, -1).permute(1, 2, 0, 3)
+                logits = add_decomposed_rel_pos(
+                    (q * attn.scale) @ k.transpose(-2, -1), q, attn.rel_pos_h, attn.rel_pos_w, (w, w), (w, w)
+                )
+                out = logits.masked_fill(~keys, float("-inf")).softmax(-1) @ v  # heads x T x head_dim
+                y = windows[b, unit] + attn.proj(out.transpose(0, 1).reshape(w * w, -1))
+                y = y + block.mlp(block.norm2(y))
+                torch.testing.assert_close(sparse[b, unit][slot_valid[unit]], y[visible], **TOL)
+    assert slot_valid.sum(dim=1).tolist() == [49, 7, 7, 1]  # a quarter of each window's real patches
+
+
+def test_patch_drop_keeps_the_same_count_in_every_window_and_the_ratio_per_image():
+    torch.manual_seed(0)
+    model = MaskedAutoencoderSAM(build_image_encoder("vit_tiny", 256), variant="patch_drop", mask_ratio=0.75)
+    with torch.no_grad():
+        _, mask = model.encode(torch.randn(3, 3, 256, 256))
+    per_window = model.layout.partition(mask.view(3, 16, 16, 1))[..., 0]  # 3 x 4 windows x 64
+    assert (per_window == 0).sum(dim=-1).tolist() == [[16] * 4] * 3  # 16 visible in each 8 x 8 window
+    assert mask.sum(dim=1).tolist() == [192.0] * 3  # exactly 75 % of each image's 256 patches
+    assert not torch.equal(mask[0], mask[1])  # drawn per image
+    # Any ratio, not only multiples of 1 / windows: 0.9 keeps floor(6.4) = 6 per window.
+    model.mask_ratio = 0.9
+    with torch.no_grad():
+        _, mask = model.encode(torch.randn(1, 3, 256, 256))
+    assert mask.sum().item() == 256 - 4 * 6
+
+
+def test_patch_drop_gradients_flow_through_visible_tokens_only():
+    model = MaskedAutoencoderSAM(randomise_positions(build_image_encoder("vit_tiny", 256)), variant="patch_drop")
+    images = phantom_images(2, 256).requires_grad_(True)
+    torch.manual_seed(2)
+    output = model(images)
+    output.pred.sum().backward()  # the prediction alone: the loss's targets read the masked pixels too
+    per_patch = patchify(images.grad.abs(), 16).sum(dim=-1)  # B x N
+    hidden = output.mask.bool()
+    assert per_patch[hidden].max() == 0 and (per_patch[~hidden] > 0).all()
+    assert model.encoder.blocks[0].attn.rel_pos_h.grad.abs().sum() > 0  # windowed rel-pos tables learn
 
 
 def test_global_block_with_all_tokens_kept_equals_block_forward():
@@ -122,7 +191,7 @@ def test_sparse_global_attention_on_a_subset_matches_explicit_formula():
     key_valid[[2, 7]] = False  # e.g. padding positions
     x = torch.randn(1, length, 32)
     with torch.no_grad():
-        out = sparse_global_attention(attn, x, rows[None], cols[None], key_valid[None], grid)
+        out = sparse_attention(attn, x, rows[None], cols[None], key_valid[None], grid)
         q, k, v = attn.qkv(x[0]).reshape(length, 3, heads, -1).unbind(1)  # L x heads x head_dim each
         expected = torch.empty(length, heads, q.shape[-1])
         for i in range(length):
@@ -180,7 +249,7 @@ def test_loss_counts_masked_patches_only():
     assert mae_loss(pred, changed, mask, 16) != loss
 
 
-@pytest.mark.parametrize("variant", ["drop", "mask_token"])
+@pytest.mark.parametrize("variant", ["drop", "patch_drop", "mask_token"])
 def test_masked_pixels_never_reach_the_prediction(variant):
     model = MaskedAutoencoderSAM(randomise_positions(build_image_encoder("vit_tiny", 256)), variant=variant)
     images = phantom_images(2, 256)
@@ -211,7 +280,7 @@ def test_reconstruct_with_perfect_prediction_returns_the_image():
 
 # SimMIM (mask_token) predicts scattered single patches from a full grid and converges more slowly than MAE's
 # dropped windows on 40 steps (measured: 1.48 -> 0.95 vs 1.48 -> < 0.8); an untrained model stays near 1.
-@pytest.mark.parametrize("variant, max_ratio", [("drop", 0.6), ("mask_token", 0.75)])
+@pytest.mark.parametrize("variant, max_ratio", [("drop", 0.6), ("patch_drop", 0.75), ("mask_token", 0.75)])
 def test_training_updates_sam_encoder_in_place_and_lowers_loss(variant, max_ratio):
     torch.manual_seed(0)
     sam = build_sam("vit_tiny", 256)
@@ -240,7 +309,7 @@ def test_training_updates_sam_encoder_in_place_and_lowers_loss(variant, max_rati
     assert set(sam.image_encoder.state_dict()) == set(before_state)  # export layout untouched
 
 
-@pytest.mark.parametrize("variant", ["drop", "mask_token"])
+@pytest.mark.parametrize("variant", ["drop", "patch_drop", "mask_token"])
 def test_grad_checkpointing_gives_the_same_gradients(variant):
     encoder = randomise_positions(build_image_encoder("vit_tiny", 256))
     images = phantom_images(2, 256)
@@ -257,6 +326,36 @@ def test_grad_checkpointing_gives_the_same_gradients(variant):
         torch.testing.assert_close(gradients[1][name], grad, atol=1e-6, rtol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("target", ["features", "both"])
+def test_feature_target_predicts_the_frozen_start_and_leaves_it_untouched(target, tmp_path):
+    torch.manual_seed(0)
+    encoder = randomise_positions(build_image_encoder("vit_tiny", 256))
+    start = copy.deepcopy(encoder.state_dict())
+    model = MaskedAutoencoderSAM(encoder, variant="patch_drop", target=target, feature_weight=0.5)
+    images = phantom_images(2, 256)
+    with torch.no_grad():
+        features = model.teacher_features(images)
+        torch.testing.assert_close(features, encoder(images).flatten(2).transpose(1, 2))  # the start, full image
+    assert features.shape == (2, 256, 256)  # B x N patches x the neck's 256 channels
+    groups = param_groups(model, 0.05)
+    trained = {id(p) for g in groups for p in g["params"]}
+    assert not any(id(p) in trained for p in model.teacher.parameters())
+    optimizer = torch.optim.AdamW(groups, lr=1e-2)
+    output = model(images)
+    assert set(output.parts) == ({"features"} if target == "features" else {"pixels", "features"})
+    expected = output.parts.get("pixels", 0) + (0.5 if target == "both" else 1.0) * output.parts["features"]
+    torch.testing.assert_close(output.loss, expected)
+    assert (output.pred is None) == (target == "features")
+    output.loss.backward()
+    optimizer.step()
+    assert all(torch.equal(v, start[k]) for k, v in model.teacher.state_dict().items())  # bit-identical
+    assert not torch.equal(encoder.blocks[0].attn.qkv.weight, start["blocks.0.attn.qkv.weight"])  # student moved
+    assert "teacher.blocks.0.attn.qkv.weight" not in {n for n, p in model.named_parameters() if p.grad is not None}
+    # Previews: input | masked, plus the reconstruction only where pixels are predicted (200 px per column).
+    preview = plt.imread(write_preview(model, images[:1], tmp_path / "preview.png"))
+    assert preview.shape[1] == 200 * (2 if target == "features" else 3)
+
+
 def test_bad_settings_are_user_errors():
     with pytest.raises(UserError, match="mask_ratio"):
         MaskedAutoencoderSAM(build_image_encoder("vit_tiny", 256), mask_ratio=1.0)
@@ -264,5 +363,7 @@ def test_bad_settings_are_user_errors():
         MaskedAutoencoderSAM(build_image_encoder("vit_tiny", 256), mask_ratio=0.8)
     with pytest.raises(UserError, match="variant"):
         MaskedAutoencoderSAM(build_image_encoder("vit_tiny", 256), variant="simmim")
+    with pytest.raises(UserError, match="target"):
+        MaskedAutoencoderSAM(build_image_encoder("vit_tiny", 256), target="hog")
     with pytest.raises(UserError, match="plain-ViT"):
         MaskedAutoencoderSAM(build_image_encoder("vit_t", 256))

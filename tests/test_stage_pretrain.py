@@ -112,17 +112,20 @@ def test_pretrain_refuses_a_labeled_manifest_without_images(tmp_path, small_mani
 
 
 @pytest.mark.parametrize(
-    "override, fragment", [("mask_ratio=1.5", "mask_ratio"), ("skip_empty=0.999", "no usable slices")]
+    "overrides, fragment",
+    [({"mask_ratio": 1.5}, "mask_ratio"), ({"skip_empty": 0.999}, "no usable slices"),
+     ({"target": "features", "checkpoint": "none"}, "checkpoint=none")],
 )
-def test_pretrain_bad_settings_are_one_line_errors(small_manifests, tiny_checkpoint, tmp_path, override, fragment):
-    key, value = override.split("=")
-    result = run_cli(*pretrain_args(small_manifests, tiny_checkpoint, tmp_path / "z", **{key: value}), expect=None)
+def test_pretrain_bad_settings_are_one_line_errors(small_manifests, tiny_checkpoint, tmp_path, overrides, fragment):
+    keys = {"checkpoint": tiny_checkpoint, **overrides}
+    result = run_cli(*pretrain_args(small_manifests, keys.pop("checkpoint"), tmp_path / "z", **keys), expect=None)
     assert_one_line_error(result, fragment)
 
 
 def test_vit_b_pretrain_export_loads_in_stock_segment_anything(small_manifests, tmp_path):
-    """A vit_b-shaped random SAM, trained 2 steps at 64 px: the export has the official 1024-px shapes, stock
-    ``sam_model_registry["vit_b"]`` loads it, and only the image encoder changed."""
+    """A vit_b-shaped random SAM, trained 2 steps at 64 px with patch dropping and the pixel + feature target:
+    the export has the official 1024-px shapes, stock ``sam_model_registry["vit_b"]`` loads it, and only the
+    image encoder changed (vit_b, not vit_tiny: stock segment_anything has no window-8 config to load it)."""
     from segment_anything import sam_model_registry
 
     from samadapt.models.checkpoints import save_sam_checkpoint
@@ -144,8 +147,14 @@ def test_vit_b_pretrain_export_loads_in_stock_segment_anything(small_manifests, 
             preview_every=0,
             decoder_dim=64,
             decoder_depth=1,
+            variant="patch_drop",
+            target="both",
         )
     )
+    rows = (out / "metrics.csv").read_text(encoding="utf-8").splitlines()
+    header, last = rows[0].split(","), dict(zip(rows[0].split(","), rows[-1].split(","), strict=True))
+    assert {"pixels_loss", "features_loss"} <= set(header)
+    assert float(last["loss"]) == pytest.approx(float(last["pixels_loss"]) + float(last["features_loss"]), rel=1e-4)
     stock = sam_model_registry["vit_b"](checkpoint=str(out / "sam_checkpoint.pth"))
     exported = stock.state_dict()
     before = sam_state(base)
@@ -179,6 +188,6 @@ def test_layer_wise_lr_decay_scales_each_encoder_block():
     assert scale[id(named["encoder.blocks.3.attn.qkv.weight"])] == 0.5  # the last of 4 blocks
     assert scale[id(named["encoder.blocks.0.attn.qkv.weight"])] == 0.5**4
     assert scale[id(named["encoder.patch_embed.proj.weight"])] == 0.5**5
-    assert scale[id(named["decoder_pred.weight"])] == 1.0  # the MAE decoder learns at the full rate
+    assert scale[id(named["heads.pixels.weight"])] == 1.0  # the MAE decoder learns at the full rate
     assert decay[id(named["encoder.blocks.0.norm1.weight"])] == 0.0 and decay[id(named["encoder.pos_embed"])] == 0.0
     assert decay[id(named["encoder.blocks.0.attn.qkv.weight"])] == 0.05
