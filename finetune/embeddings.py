@@ -3,9 +3,9 @@
 With ``encoder=frozen`` the image embedding of a slice never changes, so decoder training can read it
 instead of recomputing it (SAMRI reports ~94% less training time). Embeddings are stored as float16
 memory maps beside the slice cache, under a key made of the encoder weights' hash, the preprocessing
-key, the slices chosen and the views. Image-space augmentation cannot be applied to an embedding:
-``views`` > 0 embeds that many augmented copies of each slice up front (with their augmented labels);
-``views`` = 0 trains without augmentation.
+key, the encoder's input normalisation, the slices chosen and the views. Image-space augmentation cannot be
+applied to an embedding: ``views`` > 0 embeds that many augmented copies of each slice up front (with their
+augmented labels); ``views`` = 0 trains without augmentation.
 """
 
 from __future__ import annotations
@@ -22,19 +22,10 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from samadapt.data import to_sam_input
 from samadapt.data.augment import AugmentConfig, augment, build_transform
 from samadapt.data.datasets import SliceDataset
+from samadapt.embedding_store import encoder_fingerprint
 from samadapt.seeds import derived_seed
-
-
-def encoder_fingerprint(encoder: torch.nn.Module) -> str:
-    """sha256 over the encoder's parameter and buffer bytes (names included)."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(encoder.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
 
 
 class EmbeddingDataset(Dataset):
@@ -48,6 +39,7 @@ class EmbeddingDataset(Dataset):
         # another dataset with the same case ids gets its own embeddings.
         ids = [(slices.entries[e][1].folder.name, slices.entries[e][1].mapping.plane, i) for e, i in slices.items]
         key_source = json.dumps({"encoder": encoder_fingerprint(segmenter.sam.image_encoder),
+                                 "input_norm": segmenter.input_norm,
                                  "prep": slices.prep.key(), "items": ids, "views": views, "seed": seed,
                                  "augment": None if not views else repr(augment_config)})
         self.folder = Path(cache_root) / "embeddings" / hashlib.sha256(key_source.encode()).hexdigest()[:20]
@@ -65,7 +57,7 @@ class EmbeddingDataset(Dataset):
         count, transform = len(self.slices), build_transform(augment_config, True) if augment_config else None
         first = self.slices[0]
         size = first["image"].shape[-1]
-        grid = size // 16
+        grid = segmenter.sam.prompt_encoder.image_embedding_size[0]  # S/16; S/4 for LiteMedSAM
         self.folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".tmp_", dir=self.folder.parent))
         embeddings = np.memmap(tmp / "embeddings.f16", dtype=np.float16, mode="w+",
@@ -88,7 +80,7 @@ class EmbeddingDataset(Dataset):
                             )
                             labels[index, view] = label
                         images.append(torch.from_numpy(np.ascontiguousarray(image))[None])
-                    batch = to_sam_input(torch.stack(images).to(device))
+                    batch = torch.stack(images).to(device)  # [0, 1] slices: embed normalises them
                     embeddings[start : start + len(images), view] = segmenter.embed(batch).cpu().numpy()
         segmenter.train(encoder_was_training)
         embeddings.flush()

@@ -17,8 +17,11 @@ from samadapt.config import group, key, required
 from samadapt.data.preprocessing import Preprocessing, preprocessing_fields
 from samadapt.errors import UserError
 
-Arch = Literal["vit_b", "vit_l", "vit_h", "vit_t", "vit_tiny"]
+# vit_t_lite: LiteMedSAM's TinyViT (MobileSAM's encoder with a 1 x 1, stride-1 stem: 256 px in, 64 x 64 grid out).
+Arch = Literal["vit_b", "vit_l", "vit_h", "vit_t", "vit_t_lite", "vit_tiny"]
 ARCHS: tuple[str, ...] = get_args(Arch)
+# Archs whose encoder runs at one input size only (px): the stride-1 stem makes every other size a new model.
+FIXED_IMAGE_SIZE: dict[str, int] = {"vit_t_lite": 256}
 PromptMode = Literal["none", "box", "point"]
 PROMPT_MODES: tuple[str, ...] = get_args(PromptMode)
 Strategy = Literal["frozen", "full", "lora", "adapter"]
@@ -28,7 +31,11 @@ _BLOCKS_SYNTAX = re.compile(r"all|last\d+|\d+(,\d+)*")
 
 @dataclass(kw_only=True)
 class ArchKeys:
-    arch: Arch = key("vit_b", "SAM backbone: vit_b, vit_l, vit_h, vit_t (MobileSAM TinyViT), vit_tiny (tests)")
+    arch: Arch = key(
+        "vit_b",
+        "SAM backbone: vit_b, vit_l, vit_h, vit_t (MobileSAM TinyViT), vit_t_lite (LiteMedSAM TinyViT, 256 px), "
+        "vit_tiny (tests); a named checkpoint (checkpoint=litemedsam) sets it",
+    )
     image_size: int = key(
         1024, "input size in px (256/512 resize pos-embed and rel-pos tables of the weights)", bounds="[16, 4096]"
     )
@@ -37,7 +44,9 @@ class ArchKeys:
 @dataclass(kw_only=True)
 class ModelKeys(ArchKeys):
     checkpoint: str | None = key(
-        None, "SAM-format weights (.pth official layout or .safetensors); none = random initialisation"
+        None,
+        "SAM-format weights (.pth official layout or .safetensors), a named pretrained checkpoint shipped in an "
+        "installed package (litemedsam; see samadapt checkpoint info NAME); none = random initialisation",
     )
 
 
@@ -136,12 +145,39 @@ class StrategyKeys:
 
 
 @dataclass(kw_only=True)
-class SegmenterKeys(ModelKeys, StrategyKeys):
+class ClassKeys:
+    num_classes: int = required("number of classes including background (binary = 2)", bounds="[2, 256]")
+
+
+@dataclass(kw_only=True)
+class SegmenterKeys(ModelKeys, StrategyKeys, ClassKeys):
     """What a fine-tuned model *is*: rebuilt from a finetune folder's recorded config (see
     :func:`samadapt.models.finetuned.load_finetune_output`), so the core never imports the finetune stage."""
 
-    num_classes: int = required("number of classes including background (binary = 2)", bounds="[2, 256]")
     prompt: PromptMode = key("none", "none = automatic masks for all classes; box / point = prompts from the labels")
+
+
+@dataclass(kw_only=True)
+class UNetKeys(ClassKeys):
+    """What a baseline U-Net *is* (MONAI's 2D ``UNet``): rebuilt from a baseline folder's recorded config (see
+    :func:`samadapt.models.unet.load_baseline_output`), so the core never imports the baseline stage."""
+
+    # 6 levels reach across a 256-px slice (a 4-level one mistook the eyes for brain on the demo) at ~0.44 M params
+    channels: str = key("8,16,32,64,128,128", "U-Net feature channels per level, comma list (each level halves "
+                        "the size)")
+    res_units: int = key(0, "residual units per U-Net block (0 = two plain conv layers)", bounds="[0, 8]")
+    dropout: float = key(0.0, "dropout inside the U-Net blocks", bounds="[0, 1)")
+
+    def __post_init__(self) -> None:
+        if len(self.channel_list) < 2:
+            raise ValueError(f"channels={self.channels!r}: give at least two levels, e.g. 8,16,32,64")
+
+    @property
+    def channel_list(self) -> tuple[int, ...]:
+        try:
+            return tuple(int(c) for c in self.channels.split(","))
+        except ValueError:
+            raise ValueError(f"channels={self.channels!r}: expected integers like 8,16,32,64") from None
 
 
 @dataclass(kw_only=True)
@@ -167,9 +203,35 @@ DataKeys = dataclasses.make_dataclass(
 DataKeys.__doc__ = "Which manifest rows to read and how volumes become slices (see samadapt.data)."
 
 
+def resolve_model_keys(config: Any) -> None:
+    """Settle ``arch`` and ``image_size`` before anything is sliced: a named pretrained checkpoint
+    (``checkpoint=`` or ``model=``, e.g. litemedsam) sets the arch it is, and a fixed-size arch (vit_t_lite)
+    its input size — each only while the key still has its default; a contradicting explicit value is an error."""
+    from samadapt.models.pretrained import PRETRAINED  # torch-free table
+
+    if not hasattr(config, "arch"):
+        return
+    defaults = {f.name: f.default for f in dataclasses.fields(config)}
+    names = [getattr(config, k) for k in ("checkpoint", "model") if isinstance(getattr(config, k, None), str)]
+    entry = next((PRETRAINED[n] for n in names if n in PRETRAINED), None)
+    if entry is not None and config.arch != entry.arch:
+        if config.arch != defaults["arch"]:
+            raise ValueError(f"arch={config.arch}: the checkpoint {entry.name} is a {entry.arch} model — "
+                             f"drop arch= (it is inferred) or set arch={entry.arch}")
+        config.arch = entry.arch
+    fixed = FIXED_IMAGE_SIZE.get(config.arch)
+    if fixed is not None and config.image_size != fixed:
+        if config.image_size != defaults["image_size"]:
+            raise ValueError(f"image_size={config.image_size}: arch={config.arch} runs at its native {fixed} px "
+                             f"only — drop image_size= or set image_size={fixed}")
+        config.image_size = fixed
+
+
 def check_slicing(config: Any, one_plane: bool) -> None:
     """The preprocessing keys' own checks (e.g. the window) when the config is built, not at the first slice; a
-    model trains, validates and segments one plane (``plane=all`` is for pretraining)."""
+    model trains, validates and segments one plane (``plane=all`` is for pretraining). The model keys are
+    settled first (:func:`resolve_model_keys`): the model decides the slice size."""
+    resolve_model_keys(config)
     preprocessing(config)
     if one_plane and config.plane == "all":
         raise ValueError("plane=all is for pretraining (SSL on every plane); a model trains and segments one "

@@ -75,7 +75,7 @@ def round_trip_through_stock(arch: str, tmp_path) -> Path:
 
 
 def test_arch_list_matches_design():
-    assert set(ARCHS) == {"vit_b", "vit_l", "vit_h", "vit_t", "vit_tiny"}
+    assert set(ARCHS) == {"vit_b", "vit_l", "vit_h", "vit_t", "vit_t_lite", "vit_tiny"}
     assert native_image_size("vit_tiny") == 256 and native_image_size("vit_b") == 1024
 
 

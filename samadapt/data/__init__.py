@@ -17,11 +17,11 @@ Conventions (one for the whole project):
   fitted to ``image_size`` (or ``spacing`` mm pixels, centre pad/crop), zero-padded to square; the
   :class:`~samadapt.data.geometry.SliceMapping` undoes it all so predictions land on the original voxel
   grid and are written with the input's exact spacing/origin/direction.
-* **Model input**: ``to_sam_input`` turns B x 1 x S x S [0, 1] slices into SAM's B x 3 x S x S
-  pixel-mean/std normalised input.
+* **Model input**: slices stay model-agnostic in [0, 1]; each model normalises them as its encoder expects
+  (:mod:`samadapt.models.normalisation`; ``to_sam_input`` is SAM's pixel-mean/std one, re-exported here).
 
 Modules: ``manifest`` (Case, load/resolve manifests), ``readers``, ``normalise``, ``geometry``,
-``preprocessing`` (Preprocessing), ``slices`` (VolumeSlices, to_sam_input), ``cache`` (slice cache),
+``preprocessing`` (Preprocessing), ``slices`` (VolumeSlices), ``cache`` (slice cache),
 ``augment`` (AugmentConfig), ``datasets`` (SliceDataset), ``importers``, ``demo``, ``commands`` (CLI).
 Heavy modules are imported lazily so ``samadapt --help`` stays fast.
 """
@@ -35,7 +35,7 @@ from samadapt.data.preprocessing import Preprocessing
 
 _LAZY = {
     "VolumeSlices": "samadapt.data.slices",
-    "to_sam_input": "samadapt.data.slices",
+    "to_sam_input": "samadapt.models.normalisation",
     "write_labels": "samadapt.data.slices",
     "save_probabilities": "samadapt.data.slices",
     "SliceDataset": "samadapt.data.datasets",

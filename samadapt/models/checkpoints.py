@@ -20,6 +20,7 @@ from segment_anything.modeling import Sam
 
 from samadapt.errors import UserError, one_line
 from samadapt.io import atomic_path
+from samadapt.models.pretrained import resolve_checkpoint
 from samadapt.models.registry import ARCHS, VIT_SPECS, build_sam, check_arch, native_image_size
 from samadapt.models.resize import resize_state_dict, stored_image_size
 
@@ -27,8 +28,9 @@ TORCH_SUFFIXES = (".pth", ".pt")
 SAFETENSORS_SUFFIX = ".safetensors"
 # Containers training scripts commonly wrap a state dict in ({"model": sd, "optimizer": ..., "epoch": 3}).
 _CONTAINER_KEYS = ("model", "state_dict")
-# TinyViT (vit_t) signature: stage embed dims 64/128/160/320 → 256-channel neck.
+# TinyViT (vit_t) signature: stage embed dims 64/128/160/320 → 256-channel neck; LiteMedSAM's stem conv is 1 x 1.
 _TINY_VIT_NECK = ("neck.0.weight", (256, 320, 1, 1))
+_TINY_VIT_STEM = "patch_embed.seq.0.c.weight"
 
 
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -143,7 +145,8 @@ def detect_arch(state_dict: dict[str, torch.Tensor]) -> str | None:
     """The arch a SAM state dict belongs to, from its keys and shapes; None if it matches none.
 
     Accepts full SAM keys (``image_encoder.…``) and image-encoder-only keys.
-    Plain ViTs are told apart by patch-embedding width and block count, TinyViT by its stage layout."""
+    Plain ViTs are told apart by patch-embedding width and block count, TinyViT by its stage layout, and
+    LiteMedSAM's TinyViT (vit_t_lite) from MobileSAM's by its 1 x 1 stem convolution."""
     prefix = "image_encoder." if any(name.startswith("image_encoder.") for name in state_dict) else ""
     patch_proj = state_dict.get(prefix + "patch_embed.proj.weight")
     if patch_proj is not None:
@@ -157,7 +160,8 @@ def detect_arch(state_dict: dict[str, torch.Tensor]) -> str | None:
     neck = state_dict.get(prefix + neck_key)
     has_conv_stage = prefix + "layers.0.blocks.0.conv1.c.weight" in state_dict
     if has_conv_stage and neck is not None and tuple(neck.shape) == neck_shape:
-        return "vit_t"
+        stem = state_dict.get(prefix + _TINY_VIT_STEM)
+        return "vit_t_lite" if stem is not None and tuple(stem.shape[-2:]) == (1, 1) else "vit_t"
     return None
 
 
@@ -177,14 +181,15 @@ def checkpoint_image_size(
 def load_sam(arch: str, checkpoint: str | Path | None, image_size: int | None = None) -> Sam:
     """``Sam`` of ``arch`` for ``image_size`` px inputs (default native), in eval mode.
 
-    With a checkpoint, its weights are loaded strictly after resizing the size-dependent tensors from
-    the stored size; a checkpoint of another arch is a UserError naming the arch it looks like."""
+    ``checkpoint``: a file, or a named pretrained checkpoint (``litemedsam``, resolved and sha256-checked by
+    :mod:`samadapt.models.pretrained`). Its weights are loaded strictly after resizing the size-dependent
+    tensors from the stored size; a checkpoint of another arch is a UserError naming the arch it looks like."""
     check_arch(arch)
     image_size = image_size or native_image_size(arch)
     if checkpoint is None:
         return build_sam(arch, image_size).eval()
     # Check the file before building: a bad file should fail fast, not after allocating a vit_h.
-    path = Path(checkpoint)
+    path = resolve_checkpoint(checkpoint)
     state_dict, metadata = read_checkpoint(path)
     check_checkpoint_arch(state_dict, arch, path)
     checkpoint_image_size(state_dict, arch, metadata, path)  # rejects metadata that contradicts shapes

@@ -32,10 +32,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     commands = parser.add_subparsers(dest="checkpoint_command", metavar="{info,convert}", required=True)
 
     info = commands.add_parser(
-        "info", help="detected arch, stored image size, parameter count, sha256",
+        "info", help="detected arch, stored image size, input normalisation, parameter count, sha256",
         epilog="keys:\n" + describe(InfoKeys), formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    info.add_argument("file", help="SAM checkpoint (.pth/.pt official layout, or .safetensors)")
+    info.add_argument("file", help="SAM checkpoint (.pth/.pt official layout, or .safetensors), or a named "
+                      "pretrained one (litemedsam)")
     info.add_argument("overrides", nargs="*", metavar="key=value")
     info.set_defaults(func=run_info)
 
@@ -59,21 +60,27 @@ def run_info(args: argparse.Namespace) -> int:
         detect_arch,
         read_checkpoint,
     )
+    from samadapt.models.normalisation import DESCRIPTIONS
+    from samadapt.models.pretrained import PRETRAINED, resolve_checkpoint
+    from samadapt.models.registry import input_norm
 
     keys = parse_config(InfoKeys, None, args.overrides)
-    path = Path(args.file)
+    path = resolve_checkpoint(args.file)  # a pretrained name: its package file, sha256 already verified
+    named = PRETRAINED.get(args.file)
     state_dict, metadata = read_checkpoint(path)
     if keys.arch:
         check_checkpoint_arch(state_dict, keys.arch, path)
     arch = detect_arch(state_dict)
     parameters = sum(t.numel() for name, t in state_dict.items() if not name.endswith(_BUFFER_SUFFIXES))
     lines = {
+        **({"name": named.name, "description": named.description, "package": named.distribution} if named else {}),
         "file": str(path),
         "arch": arch or "unknown (not a known SAM layout)",
         "image_size": f"{checkpoint_image_size(state_dict, arch, metadata, path)} px" if arch else "unknown",
+        "input_norm": f"{input_norm(arch)}: {DESCRIPTIONS[input_norm(arch)]}" if arch else "unknown",
         "tensors": str(len(state_dict)),
         "parameters": f"{parameters:,}",
-        "sha256": sha256_file(path),
+        "sha256": sha256_file(path) + (" (verified: the pinned sha256 of this name)" if named else ""),
     }
     lines.update({f"metadata.{name}": value for name, value in sorted(metadata.items())})
     width = max(map(len, lines)) + 2
@@ -97,7 +104,9 @@ def run_convert(args: argparse.Namespace) -> int:
     from samadapt.models.registry import native_image_size
 
     keys = parse_config(ConvertKeys, None, args.overrides)
-    source, target = Path(args.input), Path(args.output)
+    from samadapt.models.pretrained import resolve_checkpoint
+
+    source, target = resolve_checkpoint(args.input), Path(args.output)
     suffix = target.suffix.lower()
     if suffix not in (*TORCH_SUFFIXES, SAFETENSORS_SUFFIX):
         raise UserError(f"{target}: unknown output format — name it .pth, .pt or .safetensors")

@@ -29,6 +29,7 @@ from samadapt.errors import UserError
 from samadapt.io import atomic_path, ensure_writable_dir, give_usual_mode, sha256_file, temporary_name
 from samadapt.keys import SegmenterKeys, StrategyKeys
 from samadapt.models.checkpoints import load_sam
+from samadapt.models.pretrained import PRETRAINED, pretrained_path
 from samadapt.models.segmenter import SamSegmenter
 from samadapt.models.strategies import apply_strategy, is_lora_param, plain_key, trained_tensors
 from samadapt.stage_record import STAGE_OUTPUT, read_stage_output
@@ -141,10 +142,14 @@ def merge_into_sam(model: nn.Module) -> Sam:
 
 
 def base_checkpoint(model_dir: Path, record: dict[str, Any]) -> Path | None:
-    """The SAM weights the run started from, checked against the hash recorded at training time."""
+    """The SAM weights the run started from, checked against the hash recorded at training time (a named
+    pretrained checkpoint: against its pinned one)."""
     own = FINETUNE.path(model_dir, "base_weights")
     if own.is_file():
         return own
+    named = (record.get("config") or {}).get("checkpoint")
+    if named in PRETRAINED:  # found by name (the package may live elsewhere now), sha256-checked on the way
+        return pretrained_path(named)
     entry = (record.get("inputs") or {}).get("checkpoint")
     if entry is None:
         return None

