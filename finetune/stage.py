@@ -4,48 +4,34 @@ Data (labeled slices, class-balanced sampling) → :class:`SamSegmenter` with th
 (frozen / full / LoRA via peft / bottleneck adapters, per part) → the shared
 :class:`~samadapt.training.Trainer` → volume-level validation every epoch (best checkpoint, early
 stopping) → ``out/adapter/`` (peft), ``out/trainable.safetensors``, optional ``out/sam_merged.pth``,
-``out/metrics.csv``, ``out/validation.json`` and ``out/stage_output.json`` last.
+``out/metrics.csv``, ``out/validation.json``, ``out/splits.json`` (the case split, see
+:mod:`samadapt.data.splits`) and ``out/stage_output.json`` last.
 """
 
 from __future__ import annotations
 
-import json
-import math
-import random
 from pathlib import Path
 
-import numpy as np
 import torch
-from accelerate.utils import broadcast_object_list
 
-from samadapt.data import SliceDataset, to_sam_input
-from samadapt.data.manifest import load_manifest, resolve_manifest
-from samadapt.errors import UserError
+from samadapt.data.manifest import resolve_manifest
 from samadapt.finetune.config import FinetuneConfig
 from samadapt.finetune.embeddings import EmbeddingDataset
-from samadapt.inference import PromptSettings, predict_case, prompt_generator
-from samadapt.io import cache_root, write_json
-from samadapt.keys import PromptKeys, preprocessing
-from samadapt.metrics import case_metrics
+from samadapt.inference import PromptSettings, prompt_generator
+from samadapt.io import cache_root
+from samadapt.keys import PromptKeys
 from samadapt.models.checkpoints import load_sam, save_sam_checkpoint, save_sam_safetensors
 from samadapt.models.finetuned import load_finetuned, merge_into_sam, save_finetuned
+from samadapt.models.pretrained import resolve_checkpoint
 from samadapt.models.prompts import prompts_from_labels
 from samadapt.models.segmenter import SamSegmenter
 from samadapt.models.strategies import apply_strategy, parameter_summary, parameter_summary_line
 from samadapt.stage_record import StageOutput, begin_stage, finish_stage
 from samadapt.stages import STAGES
+from samadapt.supervised import Validator, labeled_slices, split_cases, steps_per_epoch, validation_hook
 from samadapt.training import Trainer, make_accelerator
 
 FINETUNE = STAGES["finetune"]
-
-
-def choose_cases(cases: list, count: int | None, seed: int) -> list:
-    """Few-shot: ``count`` cases chosen with ``seed`` (all when count is None)."""
-    if count is None:
-        return cases
-    if count > len(cases):
-        raise UserError(f"train_cases={count} but the training split has only {len(cases)} labeled volumes")
-    return sorted(random.Random(seed).sample(cases, count), key=lambda c: c.id)
 
 
 def batch_prompts(config: FinetuneConfig, labels: torch.Tensor, case_ids, slices):
@@ -57,54 +43,11 @@ def batch_prompts(config: FinetuneConfig, labels: torch.Tensor, case_ids, slices
                                num_positive=config.num_points, num_negative=config.num_negative)
 
 
-class Validator:
-    """Volume-level foreground Dice on the validation cases; keeps the best weights and the patience count.
-
-    Its state is saved with each training state (``Trainer.fit(stateful=...)``), so a resumed run continues
-    the same best score and early-stopping count; ``out/validation.json`` shows it to the user."""
-
-    def __init__(self, config: FinetuneConfig, cases: list, prep, accelerator):
-        self.config, self.cases, self.prep, self.accelerator = config, cases, prep, accelerator
-        self.path = FINETUNE.path(config.out, "validation")
-        self.state = {"best_dice": None, "best_step": None, "bad_rounds": 0, "history": []}
-
-    def state_dict(self) -> dict:
-        return json.loads(json.dumps(self.state))
-
-    def load_state_dict(self, state: dict) -> None:
-        self.state = state
-
-    def mean_dice(self, model) -> float:
-        keys = PromptKeys(box_jitter=0.0, num_points=self.config.num_points, num_negative=self.config.num_negative)
-        settings = PromptSettings(self.config.prompt, keys, self.config.seed)
-        scores = []
-        for case in self.cases:
-            prediction, slices = predict_case(model, case, self.prep, self.config.eval_batch_size, settings,
-                                              self.accelerator.device, self.config.num_classes)
-            metrics = case_metrics(prediction, slices.reference, slices.geometry["spacing"][::-1],
-                                   range(1, self.config.num_classes))
-            scores += [m["Dice"] for m in metrics.values() if not np.isnan(m["Dice"])]
-        return float(np.mean(scores)) if scores else float("nan")
-
-    def __call__(self, step: int, model) -> bool:
-        """Validate on the main process, save if best; returns whether to stop (same on every process)."""
-        stop = [False]
-        if self.accelerator.is_main_process:
-            segmenter = self.accelerator.unwrap_model(model)
-            dice = self.mean_dice(segmenter)
-            state = self.state
-            state["history"].append({"step": step, "val_dice": dice})
-            best = state["best_dice"]
-            if best is None or (not math.isnan(dice) and (math.isnan(best) or dice > best)):  # NaN is the worst
-                state.update(best_dice=dice, best_step=step, bad_rounds=0)
-                save_finetuned(segmenter, self.config.out)
-            else:
-                state["bad_rounds"] += 1
-            write_json(self.path, state)
-            print(f"step {step}: val Dice {dice:.4f} (best {state['best_dice']:.4f} at step {state['best_step']})")
-            stop = [bool(self.config.patience) and state["bad_rounds"] >= self.config.patience]
-        broadcast_object_list(stop)
-        return stop[0]
+def make_validator(config: FinetuneConfig, cases: list, accelerator) -> Validator:
+    """Validation with the training's prompt mode (boxes without jitter); the best weights go to ``out``."""
+    keys = PromptKeys(box_jitter=0.0, num_points=config.num_points, num_negative=config.num_negative)
+    return Validator(config, cases, PromptSettings(config.prompt, keys, config.seed), accelerator,
+                     lambda model: save_finetuned(model, config.out), FINETUNE.path(config.out, "validation"))
 
 
 def build_model(config: FinetuneConfig, save_base_to: Path | None = None) -> SamSegmenter:
@@ -130,7 +73,7 @@ def make_loss_fn(config: FinetuneConfig, segmenter: SamSegmenter, use_embeddings
         if use_embeddings:
             logits = prepared(embeddings=batch["embedding"], prompts=prompts)
         else:
-            logits = prepared(to_sam_input(batch["image"]), prompts)
+            logits = prepared(batch["image"], prompts)  # [0, 1] slices: the model normalises them itself
         present = None if prompts is None else prompts.present
         loss = segmenter.loss_fn(logits, labels, present, config.class_weight_values)
         detached = logits.detach()  # not the graph: the closure outlives this step
@@ -138,24 +81,11 @@ def make_loss_fn(config: FinetuneConfig, segmenter: SamSegmenter, use_embeddings
     return loss_fn
 
 
-def validation_hook(validator: Validator | None, every: int, steps: int):
-    """``after_step`` for :meth:`Trainer.fit`: validate every ``every`` steps and at the end; True = stop."""
-    def after_step(step, prepared):
-        if validator is not None and (step % every == 0 or step == steps):
-            return validator(step, prepared)
-        return False
-    return after_step
-
-
 def training_data(config: FinetuneConfig, model: SamSegmenter, train_cases: list, accelerator):
     """The labeled slices and what the loop trains on: the slices, or (frozen encoder + embedding cache)
     their image embeddings computed once."""
-    prep = preprocessing(config)
     use_embeddings = config.encoder == "frozen" and config.embedding_cache
-    slices = SliceDataset(train_cases, prep, cache_dir=config.cache_dir, labeled=True,
-                          num_classes=config.num_classes, skip_empty=config.skip_empty,
-                          empty_fraction=config.empty_fraction, augment=None if use_embeddings else config.augment,
-                          seed=config.seed)
+    slices = labeled_slices(config, train_cases, augment=not use_embeddings)
     if not use_embeddings:
         return slices, slices
     with accelerator.main_process_first():
@@ -171,12 +101,11 @@ def training_data(config: FinetuneConfig, model: SamSegmenter, train_cases: list
 
 def run(config: FinetuneConfig) -> StageOutput:
     manifest = resolve_manifest(config.data)
-    stage_run = begin_stage("finetune", config, data=manifest, checkpoint=config.checkpoint)
+    stage_run = begin_stage("finetune", config, data=manifest, checkpoint=resolve_checkpoint(config.checkpoint))
     accelerator = make_accelerator(config)
     out = Path(config.out)
-    train_cases = choose_cases(load_manifest(manifest, split=config.split, require_labels=True),
-                               config.train_cases, config.seed)
-    val_cases = load_manifest(manifest, split=config.val_split, require_labels=True) if config.val_split else []
+    split = split_cases(config, manifest, FINETUNE.path(out, "splits"), accelerator.is_main_process)
+    train_cases, val_cases = split.train, split.val
     model = build_model(config, FINETUNE.path(out, "base_weights") if accelerator.is_main_process else None)
     summary = parameter_summary(model)
     if accelerator.is_main_process:
@@ -184,12 +113,12 @@ def run(config: FinetuneConfig) -> StageOutput:
               f"{parameter_summary_line(summary)}")
     slices, dataset = training_data(config, model, train_cases, accelerator)
     loss_fn = make_loss_fn(config, model, use_embeddings=dataset is not slices)
-    steps_per_epoch = max(1, len(dataset) // (config.batch_size * accelerator.num_processes * config.grad_accumulation))
-    validator = Validator(config, val_cases, preprocessing(config), accelerator) if val_cases else None
+    validator = make_validator(config, val_cases, accelerator) if val_cases else None
+    every = config.val_every or steps_per_epoch(dataset, config, accelerator)
 
     trainer = Trainer(accelerator, config, out)
     result = trainer.fit(model, dataset, loss_fn, sample_weights=slices.sample_weights(),
-                         after_step=validation_hook(validator, config.val_every or steps_per_epoch, config.steps),
+                         after_step=validation_hook(validator, every, config.steps),
                          stateful={"validator": validator} if validator else None, desc="finetune")
     accelerator.wait_for_everyone()
     record = None
@@ -205,9 +134,12 @@ def run(config: FinetuneConfig) -> StageOutput:
             "train_slices": len(slices),
             "best_val_dice": val.get("best_dice"),
             "best_step": val.get("best_step"),
+            "input_norm": model.input_norm,  # what the encoder was fed (samadapt.models.normalisation)
             "trainable_params": summary["trainable"],
             "total_params": summary["total"],
             "train_cases": [c.id for c in train_cases],
+            "val_cases": [c.id for c in val_cases],
+            "split": split.summary,
             "train_modalities": sorted({c.modality for c in train_cases}),
             "resumed_from_step": result.resumed_from,
             "processes": accelerator.num_processes,
@@ -223,7 +155,7 @@ def _export(config: FinetuneConfig, model: SamSegmenter, validated: bool) -> dic
     out = Path(config.out)
     if not validated:
         save_finetuned(model, out)
-    names = ["trainable", "metrics", "adapter", "base_weights", "validation"]
+    names = ["trainable", "metrics", "adapter", "base_weights", "validation", "splits"]
     if config.export_merged:
         best = _best_model(config, out) if validated else model
         save_sam_checkpoint(merge_into_sam(best), config.arch, FINETUNE.path(out, "sam_merged"))

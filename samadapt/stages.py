@@ -20,6 +20,9 @@ from samadapt.errors import UserError
 METRICS_FILE = "metrics.csv"
 STATE_DIR = "state"
 TENSORBOARD_DIR = "tensorboard"
+# The supervised stages' (finetune, baseline) case split (samadapt.data.splits) and validation history.
+SPLITS_FILE = "splits.json"
+VALIDATION_FILE = "validation.json"
 
 
 def load_object(spec: str) -> Any:
@@ -59,7 +62,12 @@ STAGES: dict[str, StageSpec] = {spec.name: spec for spec in (
               "fine-tune SAM on labeled volumes (encoder/decoder x frozen/full/lora/adapter)",
               {"adapter": "adapter", "trainable": "trainable.safetensors", "sam_merged": "sam_merged.pth",
                # the random initial SAM of a checkpoint=none run: part of the trained model
-               "base_weights": "base_sam.safetensors", "validation": "validation.json", "metrics": METRICS_FILE}),
+               "base_weights": "base_sam.safetensors", "validation": VALIDATION_FILE, "metrics": METRICS_FILE,
+               "splits": SPLITS_FILE}),
+    StageSpec("baseline", "samadapt.baseline.config:BaselineConfig", "samadapt.baseline.stage:run",
+              "train a MONAI 2D U-Net on the same slices: the baseline SAM has to beat",
+              {"unet": "unet.safetensors", "validation": VALIDATION_FILE, "metrics": METRICS_FILE,
+               "splits": SPLITS_FILE}),
     StageSpec("evaluate", "samadapt.evaluate.config:EvaluateConfig", "samadapt.evaluate.stage:run",
               "segment a manifest's cases and score Dice / IoU / NSD / HD95 per case and class",
               {"summary": "summary.json", "per_case": "per_case.csv", "predictions": "predictions",

@@ -14,9 +14,9 @@ from conftest import REPO, assert_one_line_error, run_cli
 
 # Installed names of the card's folders (pyproject's package-dir).
 PACKAGES = {"samadapt": "samadapt", "pretrain": "samadapt.pretrain", "finetune": "samadapt.finetune",
-            "evaluate": "samadapt.evaluate", "pipelines": "samadapt.pipelines",
+            "baseline": "samadapt.baseline", "evaluate": "samadapt.evaluate", "pipelines": "samadapt.pipelines",
             "data_manifests": "samadapt.data_manifests"}
-STAGE_FOLDERS = ("pretrain", "finetune", "evaluate", "pipelines")
+STAGE_FOLDERS = ("pretrain", "finetune", "baseline", "evaluate", "pipelines")
 
 
 def _modules() -> dict[str, Path]:

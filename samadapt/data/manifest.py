@@ -1,10 +1,10 @@
 """Manifests: which volumes a stage uses (format in ``data_manifests/README.md``).
 
 JSON Lines or CSV, one case per row: ``id``, ``image``, ``label`` (optional), ``modality`` (MR/CT),
-``split`` (train/val/test or empty), optional ``fold`` (int, from ``data import --folds``) and
-``series_uid`` (DICOM folders with several series). Paths: ``~`` and ``${VAR}`` are expanded
-(``${SAMADAPT_CACHE}`` defaults to the samadapt cache folder), then relative paths resolve against the
-manifest's folder. A sidecar ``<manifest stem>.labels.json`` (or ``labels.json``) names the classes.
+``split`` (train/val/test or empty: split by case when a stage trains, see ``splits``), optional ``fold``
+(int, from ``data import --folds``) and ``series_uid`` (DICOM folders with several series). Paths: ``~`` and
+``${VAR}`` are expanded (``${SAMADAPT_CACHE}`` defaults to the samadapt cache folder), then relative paths
+resolve against the manifest's folder. A sidecar ``<manifest stem>.labels.json`` (or ``labels.json``) names the classes.
 Manifests are UTF-8 text (a spreadsheet's byte-order mark is fine); the suffix decides the format.
 """
 
@@ -161,8 +161,11 @@ def select(cases: list[Case], split: str | None, fold: int | None) -> list[Case]
         return [c for c in cases if split is None or c.split == split]
     if split not in ("train", "val"):
         raise UserError(f"fold={fold} needs split=train or split=val")
-    pool = [c for c in cases if c.split == "train"]
-    return [c for c in pool if (c.fold == fold) == (split == "val")]
+    from samadapt.data.splits import fold_column_split  # the fold rule lives there (finetune/baseline use it too)
+
+    pool = [c for c in cases if c.split == "train" and c.fold is not None]
+    train, val, _ = fold_column_split(pool, fold) if pool else ([], [], 0)
+    return val if split == "val" else train
 
 
 def _parse_row(row: dict, number: int, base: Path, problems: list[str]) -> Case | None:
