@@ -10,13 +10,19 @@ A pipeline YAML::
       pretrain: {command: pretrain, config: {data: "demo:ssl", steps: 100}}
       finetune: {command: finetune, config: {checkpoint: "${pretrain.sam_checkpoint}", arch: "${matrix.arch}"}}
       evaluate: {command: evaluate, config: {model: "${finetune.dir}"}}
-    compare: [evaluate]             # evaluate stages (or their base names) to tabulate at the end
+    compare: [evaluate]             # evaluate stages (or their base names) to tabulate at the end, or
+    # compare: {runs: [evaluate_base, evaluate_ssl, nnunet/summary.json], reference: evaluate_base, over: [seed]}
 
 ``${stage.dir}`` is a stage's folder, ``${stage.<artifact>}`` one of its files (the registry's artifacts). A stage is
 *up to date* when its ``stage_output.json`` holds the same resolved config and the same sha256 of every
 input; then it is skipped. Otherwise it runs — and resumes from ``state/step_<N>/`` when its previous run
 with the same config was killed (the stages' shared training loop does that). Changing a stage changes
 its outputs' hashes, so everything downstream reruns too.
+
+``compare:`` (see :mod:`samadapt.pipelines.comparison`) lists evaluate stages and summary.json files (nnU-Net's
+too); ``reference:`` names the run the others are paired against (Wilcoxon, bootstrap CI; default the first);
+matrix cells differing only in the ``over:`` axes (default ``seed``, ``fold``) are replicates of one method,
+reported as mean ± std. It writes ``runs/<name>/compare.md``, ``.csv``, ``_paired.csv`` and ``.png``.
 """
 
 from __future__ import annotations
@@ -31,7 +37,8 @@ from typing import Any
 from samadapt.config import build, iter_keys, parse_overrides, read_yaml, to_dict
 from samadapt.errors import UserError
 from samadapt.io import write_json
-from samadapt.stage_record import STAGE_OUTPUT, check_output, discard_states, is_main_process, stage_status, versions
+from samadapt.pipelines.comparison import check_compare, compare_stages
+from samadapt.stage_record import check_output, discard_states, is_main_process, stage_status, versions
 from samadapt.stages import STAGES
 
 PIPELINE_KEYS = {"name", "defaults", "matrix", "stages", "compare", "description"}
@@ -118,7 +125,7 @@ def plan(spec: dict[str, Any], source: Path, root: Path) -> list[Stage]:
                 "the mapping values distinct 'name' fields"
             )
         cell_names[cell_id] = cell
-    _check_compare(spec.get("compare"), stages, source)
+    check_compare(spec.get("compare"), stages, source)
     deps: dict[str, set[str]] = {}
     for name, body in stages.items():
         check_name(str(name), "stage name", source)
@@ -158,19 +165,6 @@ def plan(spec: dict[str, Any], source: Path, root: Path) -> list[Stage]:
                 )
             )
     return planned
-
-
-def _check_compare(compare: Any, stages: dict[str, Any], source: Path) -> None:
-    """``compare:`` names evaluate stages (a name or a list of names); checked before any stage runs."""
-    if compare is None:
-        return
-    names = [compare] if isinstance(compare, str) else compare
-    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-        raise UserError(f"{source}: compare must be an evaluate stage's name or a list of them, got {compare!r}")
-    for name in names:
-        base = name.split("/")[0]
-        if base not in stages or (stages[base] or {}).get("command") != "evaluate":
-            raise UserError(f"{source}: compare lists {name!r}, which is not an evaluate stage of this pipeline")
 
 
 def _check_matrix_ref(ref: str, matrix: dict[str, list], where: str) -> None:
@@ -332,7 +326,7 @@ def run_pipeline(
         if result is not None and not getattr(result, "ok", True):
             raise UserError(f"stage {stage.name} failed — see {stage.out}")
     if not dry_run and is_main_process():
-        _compare(spec, stages, root, source)
+        compare_stages(spec, stages, root, source, _cell_id, _say)
     return outcome
 
 
@@ -358,18 +352,3 @@ def _check_overrides(overrides: dict[str, str], stages: list[Stage]) -> None:
             raise UserError(
                 f"override {key}=: no stage of this pipeline has that key (use <stage>.<key>= for one stage)"
             )
-
-
-def _compare(spec: dict[str, Any], stages: list[Stage], root: Path, source: Path) -> None:
-    wanted = spec.get("compare") or []
-    wanted = [wanted] if isinstance(wanted, str) else wanted
-    chosen = [s for s in stages if s.base in wanted or s.name in wanted]
-    if not chosen:
-        return
-    if not all((s.out / STAGE_OUTPUT).is_file() for s in chosen):
-        _say("compare: skipped — not every compared evaluate stage has finished")
-        return
-    from samadapt.report import compare_runs
-
-    markdown = compare_runs([s.out for s in chosen], root / "compare", names=[s.name for s in chosen])
-    _say(f"\n{markdown}\nwritten: {root / 'compare.md'} (+ .csv, .png)")

@@ -78,12 +78,16 @@ def group(cls: type, help: str) -> Any:
 def with_defaults(cls: type, **defaults: Any) -> type:
     """The key group ``cls`` with other defaults for some keys: same names, types and help (one declaration).
 
-    E.g. evaluation draws box prompts without jitter: ``with_defaults(PromptKeys, box_jitter=0.0)``."""
+    E.g. evaluation draws box prompts without jitter: ``with_defaults(PromptKeys, box_jitter=0.0)``; a required
+    key given a default is optional there."""
     hints = get_type_hints(cls)
     unknown = set(defaults) - {f.name for f in dataclasses.fields(cls)}
     if unknown:
         raise TypeError(f"with_defaults: {cls.__name__} has no key(s) {sorted(unknown)}")  # a bug in a stage config
-    fields = [(f.name, hints[f.name], dataclasses.field(default=defaults.get(f.name, f.default), metadata=f.metadata))
+    def metadata(f: dataclasses.Field) -> dict:  # a required key given a default becomes optional
+        return {k: v for k, v in f.metadata.items() if not (k == "required" and f.name in defaults)}
+
+    fields = [(f.name, hints[f.name], dataclasses.field(default=defaults.get(f.name, f.default), metadata=metadata(f)))
               for f in dataclasses.fields(cls)]
     return dataclasses.make_dataclass(cls.__name__, fields, bases=(cls,), kw_only=True)
 

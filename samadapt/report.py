@@ -1,9 +1,11 @@
-"""Evaluation reports: nnU-Net-like ``summary.json`` content, per-case CSV, overlay PNGs, run comparison.
+"""Evaluation reports: nnU-Net-like ``summary.json`` content (and reading one back, nnU-Net's own too), per-case
+CSV, overlay PNGs (comparisons of runs: ``samadapt.compare``).
 
 Everything here works on metric dicts from ``samadapt.metrics.case_metrics`` and on arrays;
 no model code. Label keys are strings (``"1"``), as in nnU-Net's ``summary.json``. NaN marks an
-undefined score (both masks empty, or HD95 with one mask empty): it is left out of means and counted in
-``n_nan``; ``samadapt.io.write_json`` writes it as ``null`` and the CSVs leave the cell empty.
+undefined score (both masks empty; HD95/NSD of a miss or a false positive with ``empty_penalty=false``): it is
+left out of means and counted in ``n_nan``; ``samadapt.io.write_json`` writes it as ``null`` and the CSVs leave
+the cell empty. The scoring rules are ``samadapt.metrics``'s and are written into ``summary.json`` ("rules").
 """
 
 from __future__ import annotations
@@ -22,48 +24,88 @@ from matplotlib.lines import Line2D
 from samadapt.data.formats import volume_stem
 from samadapt.errors import UserError
 from samadapt.io import atomic_path, write_text
-from samadapt.metrics import COUNTS, SCORES
+from samadapt.metrics import (
+    COUNTS,
+    DEFAULT_NSD_TOLERANCES_MM,
+    EMPTY_CASES,
+    SIZE_STRATA,
+    empty_case,
+    nsd_name,
+    parse_tolerances,
+    rules,
+    score_names,
+    size_stratum,
+)
 from samadapt.stages import STAGES
 
 SUMMARY = STAGES["evaluate"].artifacts["summary"]
-FOREGROUND = "foreground"
+NNUNET = "nnU-Net"  # the "source" of an imported nnU-Net summary.json
 OVERLAY_DPI = 100
 OVERLAY_PANEL_INCHES = 3.0  # each slice panel is 300 x 330 px (the extra 10% holds title and legend)
 REF_COLOUR, PRED_COLOUR = "lime", "red"
 
 
-def summarize(cases: Sequence[Mapping[str, Any]], nsd_tolerance_mm: float = 2.0) -> dict:
+def summarize(cases: Sequence[Mapping[str, Any]],
+              nsd_tolerances_mm: float | Sequence[float] | str = DEFAULT_NSD_TOLERANCES_MM,
+              empty_penalty: bool = True) -> dict:
     """nnU-Net-like summary of per-case metrics.
 
-    cases: ``[{"reference_file", "prediction_file", "metrics": {label: {"Dice", "IoU", "NSD", "HD95",
-    "n_ref", "n_pred"}}}]`` (label keys int or str; None is read as NaN, so a re-read summary works).
-    nsd_tolerance_mm: the tolerance the NSD values were computed with; recorded so that reports can
-    name it (``nsd_2mm``).
+    cases: ``[{"reference_file", "prediction_file", "metrics": {label: {"Dice", "IoU", "NSD_<t>mm"..., "HD95",
+    "TP", "FP", "FN", "TN", "n_pred", "n_ref"}}}]`` (label keys int or str; None is read as NaN, so a re-read
+    summary works). nsd_tolerances_mm, empty_penalty: the settings the metrics were computed with
+    (``case_metrics``); recorded so that reports can name them.
 
-    Returns ``{"metric_per_case": cases (label keys as str), "mean": {label: {metric: NaN-ignoring mean
-    over cases, "n_nan": {score: count}}}, "foreground_mean": {score: mean of the non-zero labels' means},
-    "nsd_tolerance_mm": float}``.
+    Returns ``{"metric_per_case": cases (label keys as str), "mean": {label: {score or count: NaN-ignoring mean
+    over cases, "n_cases", "n_miss", "n_false_positive", "n_both_empty": case counts, "n_nan": {score: count},
+    "strata": {stratum with cases: {"n_cases", score: mean}} (object size, ``samadapt.metrics.size_stratum``)}},
+    "foreground_mean": {score or count: mean of the non-zero labels' means (NaN if one is NaN, as nnU-Net)},
+    "nsd_tolerances_mm": [t...], "empty_penalty": bool, "rules": {rule: one line}}``.
     """
-    per_case = [{**case, "metrics": {str(label): {name: _as_float(value) if name in SCORES else value
-                                                  for name, value in scores.items()}
-                                     for label, scores in case["metrics"].items()}}
+    tolerances = parse_tolerances(nsd_tolerances_mm)
+    scores = score_names(tolerances)
+    per_case = [{**case, "metrics": {str(label): {name: as_float(value) if name in scores else value
+                                                  for name, value in values.items()}
+                                     for label, values in case["metrics"].items()}}
                 for case in cases]
-    labels = sorted({label for case in per_case for label in case["metrics"]}, key=int)
+    labels = sorted({label for case in per_case for label in case["metrics"]}, key=label_order)
     mean = {}
     for label in labels:
         rows = [case["metrics"][label] for case in per_case if label in case["metrics"]]
-        values = {name: np.array([_as_float(row.get(name)) for row in rows]) for name in SCORES + COUNTS}
-        mean[label] = {name: _nanmean(column) for name, column in values.items()}
-        mean[label]["n_nan"] = {name: int(np.isnan(values[name]).sum()) for name in SCORES}
+        values = {name: np.array([as_float(row.get(name)) for row in rows]) for name in scores + COUNTS}
+        mean[label] = {name: nanmean(column) for name, column in values.items()}
+        kinds = [empty_case(row.get("n_pred"), row.get("n_ref")) for row in rows if _has_counts(row)]
+        mean[label]["n_cases"] = len(rows)
+        mean[label] |= {f"n_{kind}": kinds.count(kind) for kind in EMPTY_CASES}
+        mean[label]["n_nan"] = {name: int(np.isnan(values[name]).sum()) for name in scores}
+        strata = [stratum(row) for row in rows]
+        mean[label]["strata"] = {
+            name: {"n_cases": strata.count(name)} | {
+                score: nanmean(values[score][[s == name for s in strata]]) for score in scores}
+            for name, _ in SIZE_STRATA if name in strata}
     foreground = [label for label in labels if label != "0"]
-    foreground_mean = {name: _nanmean(np.array([mean[label][name] for label in foreground])) for name in SCORES}
+    # nnU-Net: np.mean over the classes' means, so a class without any defined value makes it NaN.
+    foreground_mean = {name: float(np.mean([mean[label][name] for label in foreground])) if foreground else math.nan
+                       for name in scores + COUNTS}
     return {"metric_per_case": per_case, "mean": mean, "foreground_mean": foreground_mean,
-            "nsd_tolerance_mm": float(nsd_tolerance_mm)}
+            "nsd_tolerances_mm": list(tolerances), "empty_penalty": bool(empty_penalty),
+            "rules": rules(tolerances, empty_penalty)}
 
 
-def score_columns(nsd_tolerance_mm: float) -> dict[str, str]:
-    """CSV column per score, with units and the NSD tolerance in the name."""
-    return {"Dice": "dice", "IoU": "iou", "NSD": f"nsd_{nsd_tolerance_mm:g}mm", "HD95": "hd95_mm"}
+def label_order(label: str) -> tuple:
+    """Sort key of summary label keys: classes by number, nnU-Net region keys such as ``"(1, 2)"`` after them."""
+    return (0, int(label), "") if label.lstrip("-").isdigit() else (1, 0, label)
+
+
+def stratum(scores: Mapping[str, Any]) -> str | None:
+    """The object-size stratum of one case and label from its counts (None: empty reference or no counts)."""
+    if not _has_counts(scores) or any(scores.get(name) is None for name in ("TP", "FP", "FN", "TN")):
+        return None
+    return size_stratum(scores["n_ref"], sum(int(scores[name]) for name in ("TP", "FP", "FN", "TN")))
+
+
+def score_columns(nsd_tolerances_mm: float | Sequence[float] | str = DEFAULT_NSD_TOLERANCES_MM) -> dict[str, str]:
+    """CSV column per score, with units and the NSD tolerance in the name (``NSD_1mm`` → ``nsd_1mm``)."""
+    return {name: "hd95_mm" if name == "HD95" else name.lower() for name in score_names(nsd_tolerances_mm)}
 
 
 def case_id(case: Mapping[str, Any]) -> str:
@@ -77,21 +119,85 @@ def case_id(case: Mapping[str, Any]) -> str:
 
 def write_per_case_csv(summary: Mapping[str, Any], path: str | Path,
                        label_names: Mapping[int | str, str] | None = None) -> Path:
-    """Write one row per case and label: case, files, label, label_name, dice, iou, nsd_<tol>mm, hd95_mm,
-    n_ref_voxels, n_pred_voxels. NaN (undefined) scores are empty cells. Atomic."""
+    """Write one row per case and label: case, files, label, label_name, dice, iou, nsd_<t>mm per tolerance,
+    hd95_mm, nnU-Net's TP, FP, FN, TN, n_pred, n_ref (voxels), empty_case (miss, false_positive, both_empty or
+    empty), ref_fraction (n_ref over the volume's voxels) and size_stratum (small/medium/large, empty for an empty
+    reference). NaN (undefined) scores are empty cells. Atomic."""
     names = {str(label): name for label, name in (label_names or {}).items()}
-    columns = score_columns(summary.get("nsd_tolerance_mm", 2.0))
-    header = ["case", "reference_file", "prediction_file", "label", "label_name", *columns.values(),
-              "n_ref_voxels", "n_pred_voxels"]
+    columns = score_columns(summary_tolerances(summary))
+    header = ["case", "reference_file", "prediction_file", "label", "label_name", *columns.values(), *COUNTS,
+              "empty_case", "ref_fraction", "size_stratum"]
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(header)
     for case in summary["metric_per_case"]:
         for label, scores in sorted(case["metrics"].items(), key=lambda item: int(item[0])):
+            kind = empty_case(scores["n_pred"], scores["n_ref"]) if _has_counts(scores) else None
+            size = stratum(scores)
+            fraction = scores["n_ref"] / sum(scores[n] for n in ("TP", "FP", "FN", "TN")) if size else None
             writer.writerow([case_id(case), case["reference_file"], case["prediction_file"], label,
-                             names.get(str(label), ""), *(_cell(scores.get(name)) for name in columns),
-                             scores["n_ref"], scores["n_pred"]])
+                             names.get(str(label), ""), *(csv_cell(scores.get(name)) for name in columns),
+                             *("" if scores.get(name) is None else scores[name] for name in COUNTS), kind or "",
+                             csv_cell(fraction), size or ""])
     return write_text(path, buffer.getvalue())
+
+
+def summary_tolerances(summary: Mapping[str, Any]) -> tuple[float, ...]:
+    """The NSD tolerances a summary was computed with (older summaries hold one ``nsd_tolerance_mm``)."""
+    if summary.get("nsd_tolerances_mm"):
+        return parse_tolerances(summary["nsd_tolerances_mm"])
+    return parse_tolerances(summary.get("nsd_tolerance_mm", 2.0))
+
+
+def read_summary(source: Path) -> dict:
+    """The summary a folder (``<folder>/summary.json``) or a file names, checked for what a comparison needs; a
+    UserError naming it otherwise. An older samadapt summary's single ``NSD`` score is renamed ``NSD_<t>mm``;
+    an nnU-Net v2 summary.json is re-summarised with samadapt's rules (its Dice/IoU/counts per case; no surface
+    metrics: ``"source": "nnU-Net"``)."""
+    path = Path(source) / SUMMARY if Path(source).is_dir() else Path(source)
+    if not path.is_file():
+        raise UserError(f"{source}: no {SUMMARY} — run `samadapt evaluate ... out={source}` first")
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))  # nnU-Net writes NaN, which json reads
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: not valid JSON ({exc}) — rerun the evaluation") from None
+    if (
+        not isinstance(summary, dict)
+        or not isinstance(summary.get("mean"), dict)
+        or not isinstance(summary.get("foreground_mean"), dict)
+    ):
+        raise UserError(f"{path}: no 'mean'/'foreground_mean' — not a samadapt or nnU-Net evaluation summary")
+    if _is_nnunet(summary):
+        return import_nnunet_summary(summary, path)
+    if "nsd_tolerances_mm" not in summary:
+        renamed = nsd_name(summary_tolerances(summary)[0])
+        for means in (*summary["mean"].values(), summary["foreground_mean"]):
+            if isinstance(means, dict) and "NSD" in means:
+                means[renamed] = means.pop("NSD")
+    return summary
+
+
+def import_nnunet_summary(summary: Mapping[str, Any], path: Path) -> dict:
+    """An nnU-Net v2 ``summary.json`` (``metric_per_case`` with Dice, IoU, TP, FP, FN, TN, n_pred, n_ref per
+    label) as a samadapt summary: means and case counts recomputed with samadapt's rules (the same as nnU-Net's
+    for Dice and IoU: both empty NaN, left out of the means), case ids from the reference file names, HD95/NSD
+    NaN (nnU-Net has none)."""
+    cases = summary.get("metric_per_case")
+    if not isinstance(cases, list) or not all(isinstance(c, dict) and isinstance(c.get("metrics"), dict)
+                                              and c.get("reference_file") for c in cases):
+        raise UserError(f"{path}: nnU-Net summary without a 'metric_per_case' list of {{metrics, reference_file}} "
+                        "— rerun nnUNetv2_evaluate_folder")
+    converted = summarize([{**case, "case_id": case_id(case)} for case in cases])
+    return {**converted, "source": NNUNET, "empty_penalty": None, "nsd_tolerances_mm": [],
+            "label_names": {}, "rules": {"source": f"nnU-Net summary {path}: Dice, IoU and counts as nnU-Net "
+                                                   "computed them; no HD95 or NSD"}}
+
+
+def _is_nnunet(summary: Mapping[str, Any]) -> bool:
+    """nnU-Net's summary.json: no samadapt fields and no surface metric in its means."""
+    samadapt_keys = {"rules", "nsd_tolerances_mm", "nsd_tolerance_mm", "empty_penalty"}
+    means = [m for m in summary["mean"].values() if isinstance(m, dict)]
+    return not samadapt_keys & set(summary) and not any("HD95" in m or "NSD" in m for m in means)
 
 
 def write_overlay_png(image: np.ndarray, ref: np.ndarray, pred: np.ndarray, path: str | Path, title: str,
@@ -143,147 +249,22 @@ def _draw_contours(ax, labels_2d: np.ndarray, colour: str) -> None:
             ax.contour(labels_2d == value, levels=[0.5], colors=colour, linewidths=0.8)
 
 
-def compare_runs(eval_dirs: Sequence[str | Path], out_prefix: str | Path, names: Sequence[str] | None = None,
-                 label_names: Mapping[int | str, str] | None = None) -> str:
-    """Compare evaluation runs by their ``summary.json``: writes ``<prefix>.md`` (table run x class x mean
-    Dice/IoU/NSD/HD95 plus the foreground mean), ``<prefix>.csv`` and ``<prefix>.png`` (grouped bars
-    of mean Dice per class and run). Returns the Markdown. Runs are named by ``names`` or their folders.
-    """
-    eval_dirs = [Path(d) for d in eval_dirs]
-    names = list(names) if names is not None else _default_names(eval_dirs)
-    if len(names) != len(eval_dirs):
-        raise UserError(f"compare: {len(names)} names for {len(eval_dirs)} evaluation folders — "
-                        "give one name per folder")
-    summaries = [read_summary(d) for d in eval_dirs]
-    tolerance = _common_tolerance(eval_dirs, summaries)
-    if label_names is None:  # the names the evaluations recorded from their manifests' labels.json
-        label_names = {k: v for s in summaries for k, v in (s.get("label_names") or {}).items()}
-    label_names = {str(label): name for label, name in label_names.items()}
-    # Classes by number; nnU-Net region keys such as "(1, 2)" (several labels scored as one) after them.
-    labels = sorted(
-        {label for s in summaries for label in s["mean"]},
-        key=lambda label: (0, int(label), "") if label.lstrip("-").isdigit() else (1, 0, label),
-    )
-
-    columns = score_columns(tolerance)
-    # (run, eval_dir, label or "foreground", class shown to people, {score: mean}, cases, cases without HD95)
-    rows = []
-    for name, eval_dir, summary in zip(names, eval_dirs, summaries):
-        cases = len(summary.get("metric_per_case", []))
-        no_hd95 = {label: means.get("n_nan", {}).get("HD95", 0) for label, means in summary["mean"].items()}
-        for label in labels:
-            if label in summary["mean"]:
-                shown = f"{label} ({label_names[label]})" if label in label_names else label
-                rows.append((name, eval_dir, label, shown, summary["mean"][label], cases, no_hd95[label]))
-        rows.append(
-            (
-                name,
-                eval_dir,
-                FOREGROUND,
-                "foreground mean",
-                summary["foreground_mean"],
-                cases,
-                sum(no_hd95[label] for label in no_hd95 if label != "0"),
-            )
-        )
-
-    # The HD95 mean skips cases without a value (empty prediction or both empty): show how many it skipped.
-    markdown = [
-        f"| run | class | cases | Dice | IoU | NSD ({tolerance:g} mm) | HD95 (mm) | HD95 n/a |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    markdown += [
-        f"| {run} | {shown} | {cases} | " + " | ".join(_shown(means.get(s), s) for s in SCORES) + f" | {missing} |"
-        for run, _, _, shown, means, cases, missing in rows
-    ]
-    text = "\n".join(markdown) + "\n"
-    write_text(Path(f"{out_prefix}.md"), text)
-
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["run", "eval_dir", "label", "label_name", "cases", *columns.values(), "hd95_missing"])
-    for run, eval_dir, label, _, means, cases, missing in rows:
-        writer.writerow(
-            [run, eval_dir, label, label_names.get(label, ""), cases, *(_cell(means.get(s)) for s in SCORES), missing]
-        )
-    write_text(Path(f"{out_prefix}.csv"), buffer.getvalue())
-
-    _write_dice_bars(Path(f"{out_prefix}.png"), names, summaries, labels, label_names)
-    return text
-
-
-def read_summary(eval_dir: Path) -> dict:
-    """``eval_dir/summary.json`` checked for the keys a comparison needs, or a UserError naming the folder."""
-    path = Path(eval_dir) / SUMMARY
-    if not path.is_file():
-        raise UserError(f"{eval_dir}: no {SUMMARY} — run `samadapt evaluate ... out={eval_dir}` first")
-    try:
-        summary = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: not valid JSON ({exc}) — rerun the evaluation") from None
-    if (
-        not isinstance(summary, dict)
-        or not isinstance(summary.get("mean"), dict)
-        or not isinstance(summary.get("foreground_mean"), dict)
-    ):
-        raise UserError(f"{path}: no 'mean'/'foreground_mean' — not a samadapt evaluate summary")
-    return summary
-
-
-def _common_tolerance(eval_dirs: Sequence[Path], summaries: Sequence[dict]) -> float:
-    tolerances = {float(s.get("nsd_tolerance_mm", 2.0)) for s in summaries}
-    if len(tolerances) > 1:
-        listed = ", ".join(f"{d}: {s.get('nsd_tolerance_mm', 2.0)} mm" for d, s in zip(eval_dirs, summaries))
-        raise UserError(f"compare: NSD tolerances differ ({listed}) — re-evaluate with one nsd_tolerance_mm")
-    return tolerances.pop()
-
-
-def _write_dice_bars(
-    path: Path, names: Sequence[str], summaries: Sequence[dict], labels: Sequence[str], label_names: Mapping[str, str]
-) -> None:
-    fig = Figure(figsize=(max(6.0, 1.5 + 0.35 * len(labels) * len(names)), 4.0), dpi=OVERLAY_DPI)
-    ax = fig.subplots()
-    width = 0.8 / len(names)
-    positions = np.arange(len(labels))
-    for index, (name, summary) in enumerate(zip(names, summaries)):
-        dice = [_as_float(summary["mean"].get(label, {}).get("Dice")) for label in labels]
-        ax.bar(positions - 0.4 + width * (index + 0.5), dice, width, label=name)
-    ax.set_xticks(positions, [label_names.get(label, label) for label in labels])
-    ax.set_xlabel("class")
-    ax.set_ylabel("mean Dice")
-    ax.set_ylim(0, 1)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-
-
-def _default_names(eval_dirs: Sequence[Path]) -> list[str]:
-    """Folder names, with more parent folders while they do not tell runs apart (runs/a/evaluate)."""
-    for depth in range(1, max(len(d.resolve().parts) for d in eval_dirs) + 1):
-        names = ["/".join(d.resolve().parts[-depth:]) for d in eval_dirs]
-        if len(set(names)) == len(names):
-            return names
-    return [str(d) for d in eval_dirs]
-
-
-def _as_float(value: Any) -> float:
+def as_float(value: Any) -> float:
+    """A score read from a summary as a float: None (JSON null) is NaN."""
     return math.nan if value is None else float(value)
 
 
-def _nanmean(values: np.ndarray) -> float:
+def _has_counts(scores: Mapping[str, Any]) -> bool:
+    return scores.get("n_pred") is not None and scores.get("n_ref") is not None
+
+
+def nanmean(values: np.ndarray) -> float:
     """Mean ignoring NaN; NaN (without numpy's warning) when nothing is left."""
     values = values[~np.isnan(values)]
     return float(values.mean()) if values.size else math.nan
 
 
-def _cell(value: Any) -> str:
-    value = _as_float(value)
+def csv_cell(value: Any) -> str:
+    """A score in a CSV cell: 6 significant digits, NaN / None as an empty cell."""
+    value = as_float(value)
     return "" if math.isnan(value) else f"{value:.6g}"
-
-
-def _shown(value: Any, score: str) -> str:
-    value = _as_float(value)
-    if math.isnan(value):
-        return "—"
-    return f"{value:.2f}" if score == "HD95" else f"{value:.4f}"

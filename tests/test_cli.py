@@ -11,7 +11,7 @@ import torch
 from conftest import assert_one_line_error, run_cli
 from samadapt.models import build_sam, save_sam_checkpoint
 
-COMMANDS = ["pretrain", "finetune", "evaluate", "predict", "run", "data", "checkpoint", "compare"]
+COMMANDS = ["pretrain", "finetune", "baseline", "evaluate", "predict", "run", "data", "checkpoint", "compare"]
 
 
 def test_top_level_help_lists_every_command():
@@ -24,7 +24,7 @@ def test_top_level_help_lists_every_command():
     ("pretrain", ["data=REQUIRED", "mask_ratio=0.75", "variant=", "arch=vit_b", "save_every="]),
     ("finetune", ["num_classes=REQUIRED", "encoder=lora", "decoder=full", "lora.rank=8", "prompt=none",
                   "augment.flip=true", "export_merged=false"]),
-    ("evaluate", ["model=REQUIRED", "nsd_tolerance_mm=2.0", "split=test"]),
+    ("evaluate", ["data=REQUIRED", "model=none", "predictions=none", "nsd_tolerances_mm=1,2", "split=test"]),
     ("predict", ["input=REQUIRED", "save_probabilities=false"]),
     ("run", ["--from", "--until", "--force", "--dry-run"]),
     ("data", ["import", "demo", "check"]),
@@ -38,11 +38,12 @@ def test_each_command_help(command, must_show):
 
 
 def test_unknown_key_and_wrong_type_are_one_line_errors(tmp_path):
-    result = run_cli("finetune", "data=x.jsonl", f"out={tmp_path}", "num_classes=2", "lora.rnak=4", expect=None)
+    result = run_cli("finetune", "data=x.jsonl", f"out={tmp_path}", "num_classes=2", "lora.rnak=4", expect=None,
+                     in_process=True)
     assert_one_line_error(result, "unknown key 'lora.rnak'", "did you mean lora.rank=")
-    result = run_cli("finetune", "data=x.jsonl", f"out={tmp_path}", "num_classes=two", expect=None)
+    result = run_cli("finetune", "data=x.jsonl", f"out={tmp_path}", "num_classes=two", expect=None, in_process=True)
     assert_one_line_error(result, "num_classes='two': expected an integer")
-    result = run_cli("pretrain", "data=x.jsonl", f"out={tmp_path}", "mask_ratio=1.5", expect=None)
+    result = run_cli("pretrain", "data=x.jsonl", f"out={tmp_path}", "mask_ratio=1.5", expect=None, in_process=True)
     assert_one_line_error(result, "mask_ratio=1.5", "must be in (0, 1)")
 
 
@@ -69,7 +70,7 @@ def checkpoints(tmp_path_factory):
     ("evil.pth", ["evil.pth", "refusing to execute code from an untrusted pickle"]),
 ])
 def test_bad_checkpoints_via_checkpoint_info(checkpoints, name, fragments):
-    result = run_cli("checkpoint", "info", checkpoints / name, expect=None)
+    result = run_cli("checkpoint", "info", checkpoints / name, expect=None, in_process=True)
     assert_one_line_error(result, *fragments)
     assert not (checkpoints / "PWNED").exists()
 

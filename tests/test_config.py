@@ -123,7 +123,7 @@ def test_finetune_keys_that_would_fail_after_training_fail_before_it(overrides, 
     ("finetune", ["augment.rotate=nan"], "augment.rotate=nan: must be a finite number"),
     ("finetune", ["window=nan,40"], "window='nan,40': width and level must be finite"),
     ("finetune", ["plane=all"], "plane=all is for pretraining"),
-    ("evaluate", ["nsd_tolerance_mm=nan"], "nsd_tolerance_mm=nan: must be a finite number"),
+    ("evaluate", ["nsd_tolerances_mm=nan"], "nsd_tolerances_mm=nan: must be a finite number"),
     ("evaluate", ["batch_size=0"], "batch_size=0: must be in [1, inf)"),
     ("pretrain", ["mask_ratio=1"], "mask_ratio=1.0: must be in (0, 1)"),
 ])
@@ -133,7 +133,7 @@ def test_numeric_keys_are_finite_and_in_their_declared_range(tmp_path, command, 
 
     required = {"finetune": ["data=m.jsonl", "num_classes=2"], "evaluate": ["data=m.jsonl", "model=m"],
                 "pretrain": ["data=m.jsonl"]}[command]
-    result = run_cli(command, *required, f"out={tmp_path / 'out'}", *overrides, expect=None)
+    result = run_cli(command, *required, f"out={tmp_path / 'out'}", *overrides, expect=None, in_process=True)
     assert_one_line_error(result, says)
     assert not (tmp_path / "out").exists()
 
