@@ -1,7 +1,8 @@
-"""``samadapt evaluate``: predict every case of a split, score it, write an nnU-Net-like report.
+"""``samadapt evaluate``: predict every case of a split (or read its mask from ``predictions=``), score it, write
+an nnU-Net-like report.
 
-Writes ``out/predictions/<case>.<input format>`` (input geometry), ``out/summary.json``
-(``metric_per_case``, ``mean`` per class, ``foreground_mean``), ``out/per_case.csv``,
+Writes ``out/predictions/<case>.<input format>`` (input geometry; not with ``predictions=``), ``out/summary.json``
+(``metric_per_case``, ``mean`` per class, ``foreground_mean``, the scoring ``rules``), ``out/per_case.csv``,
 ``out/overlays/<case>.png`` for the worst, median and best case, and ``out/stage_output.json`` last.
 Under ``accelerate launch`` the cases are split across processes and the per-case results gathered once.
 """
@@ -19,10 +20,13 @@ from accelerate.utils import gather_object
 from samadapt.data import readers
 from samadapt.data.formats import output_name
 from samadapt.data.manifest import load_label_names, load_manifest, resolve_manifest
+from samadapt.errors import UserError
 from samadapt.evaluate.config import EvaluateConfig
-from samadapt.inference import PromptSettings, load_model, predict_case
-from samadapt.io import write_json
-from samadapt.metrics import case_metrics
+from samadapt.evaluate.folder import prediction_files, read_pair
+from samadapt.io import cache_root, write_json
+from samadapt.keys import preprocessing
+from samadapt.metrics import case_metrics, image_diagonal_mm
+from samadapt.models.pretrained import resolve_checkpoint
 from samadapt.report import summarize, write_overlay_png, write_per_case_csv
 from samadapt.stage_record import StageOutput, begin_stage, finish_stage
 from samadapt.stages import STAGES
@@ -37,52 +41,47 @@ def _foreground_dice(entry: dict) -> float:
 
 def run(config: EvaluateConfig) -> StageOutput:
     manifest = resolve_manifest(config.data)
-    stage_run = begin_stage("evaluate", config, data=manifest, model=config.model)
+    stage_run = begin_stage("evaluate", config, data=manifest, model=resolve_checkpoint(config.model),
+                            predictions=config.predictions)
     state = PartialState()
     out = Path(config.out)
     cases = load_manifest(manifest, split=config.split, require_labels=True)
     label_names = load_label_names(manifest) or {}
-    # zero-shot without num_classes=: the classes named beside the manifest
-    loaded = load_model(config, config.prompt, default_num_classes=max(label_names) + 1 if label_names else None)
-    model = loaded.model.to(state.device)
-    unknown = sorted({c.modality for c in cases} - set(loaded.train_modalities)) if loaded.train_modalities else []
-    if unknown and state.is_main_process:
-        print(f"warning: {manifest}: modality {', '.join(unknown)} differs from the training data's "
-              f"({', '.join(loaded.train_modalities)}) — expect a domain gap", file=sys.stderr)
-    settings = PromptSettings(loaded.prompt, config, config.seed)  # the config carries the prompt keys
-    labels = range(1, loaded.num_classes)
+    if config.predictions is not None:
+        segment, num_classes, prep, facts = _folder_source(config, cases, manifest, label_names)
+    else:
+        segment, num_classes, prep, facts = _model_source(config, cases, manifest, label_names, state, out)
+    labels = range(1, num_classes)
     entries, metric_seconds = [], 0.0
     with state.split_between_processes(cases) as mine:
         for case in mine:
-            prediction, slices = predict_case(model, case, loaded.prep, config.batch_size, settings, state.device,
-                                              loaded.num_classes)
-            prediction_file = EVALUATE.path(out, "predictions") / output_name(case.image, case.id)
-            slices.write(prediction, prediction_file)
+            prediction, reference, spacing, prediction_file = segment(case)
             tick = time.perf_counter()
-            scores = case_metrics(prediction, slices.reference, slices.geometry["spacing"][::-1], labels,
-                                  config.nsd_tolerance_mm)
+            scores = case_metrics(prediction, reference, spacing, labels, config.nsd_tolerances,
+                                  empty_penalty=config.empty_penalty)
             metric_seconds += time.perf_counter() - tick
-            entries.append({"case_id": case.id, "reference_file": str(case.label),
-                            "prediction_file": str(prediction_file),
+            entries.append({"case_id": case.id, "reference_file": str(Path(case.label).absolute()),
+                            "prediction_file": str(prediction_file.absolute()),
+                            "image_diagonal_mm": image_diagonal_mm(prediction.shape, spacing),
                             "metrics": {str(k): v for k, v in scores.items()}})
     entries = gather_object(entries)
     metric_seconds = sum(gather_object([metric_seconds]))
     record = None
     if state.is_main_process:
         entries.sort(key=lambda e: e["case_id"])
-        summary = summarize(entries, config.nsd_tolerance_mm)
+        summary = summarize(entries, config.nsd_tolerances, empty_penalty=config.empty_penalty)
         summary["label_names"] = label_names
         write_json(EVALUATE.path(out, "summary"), summary)
         write_per_case_csv(summary, EVALUATE.path(out, "per_case"), summary["label_names"] or None)
         if config.overlays:
-            _write_overlays(entries, cases, loaded.prep, loaded.num_classes, out)
+            _write_overlays(entries, cases, prep, num_classes, out)
         wall = time.time() - stage_run.started
         metrics = {
             "cases": len(entries),
             "foreground_mean": summary["foreground_mean"],
             "metric_seconds": round(metric_seconds, 3),
             "metric_share": round(metric_seconds / max(wall, 1e-9), 4),
-            "prompt": loaded.prompt,
+            **facts,
         }
         artifacts = {name: EVALUATE.path(out, name) for name in EVALUATE.artifacts if EVALUATE.path(out, name).exists()}
         record = finish_stage("evaluate", config, stage_run, artifacts, metrics)
@@ -90,6 +89,57 @@ def run(config: EvaluateConfig) -> StageOutput:
         print(f"evaluate: {len(entries)} cases, foreground mean Dice {dice:.4f} → {EVALUATE.path(out, 'summary')}")
     state.wait_for_everyone()
     return record
+
+
+def _model_source(config: EvaluateConfig, cases: list, manifest: Path, label_names: dict, state, out: Path):
+    """Segment each case with ``config.model`` and write ``out/predictions/<case>``: ``(segment(case) ->
+    (prediction, reference, spacing (z, y, x) mm, prediction file), num_classes, preprocessing, record facts)``."""
+    from samadapt.inference import PromptSettings, load_model, predict_case  # peft, SAM: not to score a folder
+
+    # zero-shot without num_classes=: the classes named beside the manifest
+    loaded = load_model(config, config.prompt, default_num_classes=max(label_names) + 1 if label_names else None)
+    model = loaded.model.to(state.device)
+    unknown = sorted({c.modality for c in cases} - set(loaded.train_modalities)) if loaded.train_modalities else []
+    if unknown and state.is_main_process:
+        print(f"warning: {manifest}: modality {', '.join(unknown)} differs from the training data's "
+              f"({', '.join(loaded.train_modalities)}) — expect a domain gap", file=sys.stderr)
+    if config.box_protocol == "volume" and loaded.prompt != "box":
+        raise UserError(f"box_protocol=volume propagates box prompts, but {config.model} segments with "
+                        f"prompt={loaded.prompt} — set prompt=box (a box-prompted model or a SAM checkpoint)")
+    # the config carries the prompt keys
+    settings = PromptSettings(loaded.prompt, config, config.seed, volume_box=config.box_protocol == "volume")
+    store = None
+    if config.embedding_cache and hasattr(model, "sam"):  # a SAM (the U-Net baseline has no encoder to keep)
+        from samadapt.embedding_store import EmbeddingStore
+
+        store = EmbeddingStore(config.cache_dir or cache_root(), model)
+
+    def segment(case):
+        prediction, slices = predict_case(model, case, loaded.prep, config.batch_size, settings, state.device,
+                                          loaded.num_classes, store=store)
+        prediction_file = EVALUATE.path(out, "predictions") / output_name(case.image, case.id)
+        slices.write(prediction, prediction_file)
+        return prediction, slices.reference, slices.geometry["spacing"][::-1], prediction_file  # (z, y, x)
+
+    facts = {"prompt": loaded.prompt,
+             "prompt_protocol": settings.protocol, "input_norm": getattr(model, "input_norm", None)}
+    return segment, loaded.num_classes, loaded.prep, facts
+
+
+def _folder_source(config: EvaluateConfig, cases: list, manifest: Path, label_names: dict):
+    """Read each case's mask from ``config.predictions`` (no model): the same tuple as :func:`_model_source`.
+    The classes: ``num_classes=``, else the manifest's labels.json."""
+    num_classes = config.num_classes or (max(label_names) + 1 if label_names else None)
+    if num_classes is None:
+        raise UserError(f"{manifest}: predictions= needs the classes — set num_classes= (incl. background) or put "
+                        "a labels.json beside the manifest")
+    files = prediction_files(config.predictions, cases, manifest)
+
+    def segment(case):
+        prediction, reference, spacing = read_pair(case, files[case.id], num_classes)
+        return prediction, reference, spacing, files[case.id]
+
+    return segment, num_classes, preprocessing(config), {"predictions_folder": str(Path(config.predictions).absolute())}
 
 
 def _write_overlays(entries: list[dict], cases: list, prep, num_classes: int, out: Path) -> None:

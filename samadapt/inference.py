@@ -12,14 +12,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from samadapt.data import Case, Preprocessing, VolumeSlices, to_sam_input
+from samadapt.data import Case, Preprocessing, VolumeSlices
+from samadapt.embedding_store import EmbeddingStore
 from samadapt.errors import UserError
 from samadapt.keys import PromptKeys, preprocessing
 from samadapt.models.checkpoints import load_sam
 from samadapt.models.finetuned import load_finetune_output
+from samadapt.models.pretrained import resolve_checkpoint
 from samadapt.models.prompts import prompts_from_labels
 from samadapt.models.segmenter import SamSegmenter
+from samadapt.models.unet import load_baseline_output
+from samadapt.propagation import boxes_from_labels, propagate_boxes
 from samadapt.seeds import derived_seed
+from samadapt.stage_record import recorded_stage
 
 
 @dataclass(frozen=True)
@@ -30,6 +35,21 @@ class PromptSettings:
     mode: str
     keys: PromptKeys = field(default_factory=PromptKeys)
     seed: int = 0
+    volume_box: bool = False  # box mode: one 3-D box per case and class, propagated (samadapt.propagation)
+
+    @property
+    def protocol(self) -> str:
+        """The evaluation protocol these prompts follow, in words (recorded in the evaluate stage output)."""
+        return PROMPT_PROTOCOLS["volume_box" if self.mode == "box" and self.volume_box else self.mode]
+
+
+PROMPT_PROTOCOLS = {
+    "none": "automatic (no prompts)",
+    "box": "per-slice reference boxes (MedSAM): the bounding box of each class in each slice of the reference",
+    "point": "per-slice reference points: points drawn inside each class in each slice of the reference",
+    "volume_box": "one 3-D reference box per case and class, propagated from its middle slice by the neighbouring "
+                  "slice's prediction (CVPR 2024 MedSAM-on-laptop protocol)",
+}
 
 
 AUTOMATIC = PromptSettings("none")
@@ -43,16 +63,24 @@ def prompt_generator(seed: int, *batch: object) -> torch.Generator:
 
 @torch.no_grad()
 def predict_slices(model, slices: VolumeSlices, batch_size: int, prompts: PromptSettings,
-                   device: torch.device | str = "cpu", probabilities: bool = False) -> np.ndarray:
+                   device: torch.device | str = "cpu", probabilities: bool = False,
+                   store: EmbeddingStore | None = None) -> np.ndarray:
     """Run ``model`` (a SamSegmenter, possibly peft-wrapped) over every slice of ``slices``.
 
     Returns uint8 labels N x S x S, or with ``probabilities`` float16 N x K x S x S class probabilities.
-    Prompted modes derive prompts from ``slices``' reference labels (evaluation only)."""
+    Prompted modes derive prompts from ``slices``' reference labels (evaluation only). ``store``: take and keep
+    the image embeddings there (:mod:`samadapt.embedding_store`; prompted modes encode prompted slices only)."""
+    if prompts.mode == "box" and prompts.volume_box and not probabilities:
+        labels = slices.labels
+        if labels is None:
+            raise ValueError("3-D box prompts from the reference need reference labels")
+        boxes = boxes_from_labels(labels, model.num_classes)
+        return propagate_boxes(model, slices, boxes, batch_size, device, store)
     was_training = model.training
     model.eval()
     outputs = []
     for start, images, labels in slices.chunks(batch_size):
-        x = to_sam_input(torch.from_numpy(images)[:, None].to(device))
+        x = torch.from_numpy(images)[:, None].to(device)  # [0, 1] slices: the model normalises them itself
         batch_prompts = None
         if prompts.mode != "none":
             if labels is None:
@@ -62,7 +90,11 @@ def predict_slices(model, slices: VolumeSlices, batch_size: int, prompts: Prompt
                                                 box_jitter=prompts.keys.box_jitter,
                                                 num_positive=prompts.keys.num_points,
                                                 num_negative=prompts.keys.num_negative).to(device)
-        logits = model(x, batch_prompts)
+        if store is None:
+            logits = model(x, batch_prompts)
+        else:
+            logits = model(None, batch_prompts, embeddings=_stored(store, slices, start, batch_prompts, batch_size,
+                                                                    device))
         present = None if batch_prompts is None else batch_prompts.present
         if probabilities:
             outputs.append(model.probabilities(logits, present).to(torch.float16).cpu())
@@ -72,13 +104,27 @@ def predict_slices(model, slices: VolumeSlices, batch_size: int, prompts: Prompt
     return torch.cat(outputs).numpy()
 
 
+def _stored(store: EmbeddingStore, slices: VolumeSlices, start: int, prompts, batch_size: int,
+            device: torch.device | str) -> torch.Tensor:
+    """Embeddings B x 256 x g x g of the batch from ``start`` (zeros for slices without a prompt, whose logits
+    are all "absent" whatever their embedding)."""
+    count = min(batch_size, len(slices) - start)
+    needed = [start + i for i in range(count) if prompts is None or bool(prompts.present[i].any())]
+    grid = store.model.sam.prompt_encoder.image_embedding_size
+    batch = torch.zeros(count, store.model.sam.prompt_encoder.embed_dim, *grid)
+    for index, embedding in store.embeddings(slices, needed, batch_size, device).items():
+        batch[index - start] = embedding
+    return batch.to(device)
+
+
 def predict_case(model, case: Case, prep: Preprocessing, batch_size: int, prompts: PromptSettings,
-                 device: torch.device | str = "cpu", num_classes: int | None = None) -> tuple[np.ndarray, VolumeSlices]:
+                 device: torch.device | str = "cpu", num_classes: int | None = None,
+                 store: EmbeddingStore | None = None) -> tuple[np.ndarray, VolumeSlices]:
     """Predicted labels of ``case`` on its original voxel grid (z, y, x), and its VolumeSlices (whose
     ``reference`` is the case's label, checked against the image, when the case has one)."""
     slices = VolumeSlices(case.image, prep, case.modality, label=case.label, num_classes=num_classes,
                           series_uid=case.series_uid)
-    return slices.to_volume(predict_slices(model, slices, batch_size, prompts, device)), slices
+    return slices.to_volume(predict_slices(model, slices, batch_size, prompts, device, store=store)), slices
 
 
 @dataclass
@@ -93,10 +139,13 @@ class LoadedModel:
 
 
 def load_model(config, prompt: str | None = None, default_num_classes: int | None = None) -> LoadedModel:
-    """``config.model`` is a finetune output folder (everything from its stage_output.json) or a plain
-    SAM checkpoint (zero-shot: needs box/point prompts; arch, image_size, preprocessing from config, and
-    ``config.num_classes`` or else ``default_num_classes``)."""
+    """``config.model`` is a finetune or baseline output folder (everything from its stage_output.json) or a plain
+    SAM checkpoint or a named pretrained one such as ``litemedsam`` (zero-shot: needs box/point prompts; arch,
+    image_size, preprocessing from config, and ``config.num_classes`` or else ``default_num_classes``)."""
     path = Path(config.model)
+    if path.is_dir() and recorded_stage(path) == "baseline":  # a U-Net baseline folder: automatic masks only
+        unet = load_baseline_output(path, prompt)
+        return LoadedModel(unet.model, unet.prep, unet.keys.num_classes, "none", unet.train_modalities)
     if path.is_dir():
         loaded = load_finetune_output(path)
         trained = loaded.keys.prompt
@@ -107,6 +156,7 @@ def load_model(config, prompt: str | None = None, default_num_classes: int | Non
         loaded.model.prompt = chosen
         modalities = (loaded.record.get("metrics") or {}).get("train_modalities", [])
         return LoadedModel(loaded.model, loaded.prep, loaded.keys.num_classes, chosen, modalities)
+    path = resolve_checkpoint(config.model)  # a named pretrained checkpoint (litemedsam) → its verified file
     if not path.is_file():
         raise UserError(f"{path}: model not found — pass a finetune output folder or a SAM checkpoint")
     if prompt in (None, "none"):

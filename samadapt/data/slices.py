@@ -16,16 +16,6 @@ from samadapt.data.normalise import normalise
 from samadapt.data.preprocessing import Preprocessing
 from samadapt.errors import UserError
 
-SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)  # on the 0-255 scale
-SAM_PIXEL_STD = (58.395, 57.12, 57.375)
-
-
-def to_sam_input(x: torch.Tensor) -> torch.Tensor:
-    """B x 1 x S x S float in [0, 1] → B x 3 x S x S normalised with SAM's pixel mean/std."""
-    mean = torch.tensor(SAM_PIXEL_MEAN, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(SAM_PIXEL_STD, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    return (x.expand(-1, 3, -1, -1) * 255.0 - mean) / std
-
 
 class VolumeSlices:
     """A volume normalised, reoriented to LPS and cut into N square slices along ``prep.plane``.
@@ -43,6 +33,7 @@ class VolumeSlices:
         if prep.plane == "all":
             raise UserError("plane=all cuts three stacks — build one VolumeSlices per plane (axial, coronal, sagittal)")
         self.image_path, self.label_path, self.prep = Path(image), label and Path(label), prep
+        self.modality, self.series_uid = modality, series_uid
         sitk_image = readers.read_volume(image, channel=prep.channel, series_uid=series_uid)
         volume = normalise(readers.to_array(sitk_image, image), modality, prep.window, prep.mr_foreground)
         self.geometry = readers.geometry_of(sitk_image)
@@ -76,6 +67,17 @@ class VolumeSlices:
             return None
         chunk = torch.from_numpy(np.ascontiguousarray(self._label_stack[start:stop]))
         return self.mapping.inplane.forward(chunk, labels=True).numpy()
+
+    def canvas_labels(self, volume: np.ndarray) -> np.ndarray:
+        """Any (z, y, x) label volume on the image's voxel grid (e.g. a user's box drawn as labels) → int64
+        N x S x S slices, cut exactly like the reference label."""
+        grid = tuple(self.geometry["size"][::-1])
+        if volume.shape != grid:
+            raise ValueError(f"label volume {volume.shape} is not on the image grid {grid}")
+        source_axes, flips = self.mapping.source_axes, self.mapping.flips
+        stack = torch.from_numpy(np.ascontiguousarray(to_plane(to_canonical(volume, source_axes, flips),
+                                                               self.prep.plane)).astype(np.int64))
+        return self.mapping.inplane.forward(stack, labels=True).numpy()
 
     def chunks(self, size: int = 32) -> Iterator[tuple[int, np.ndarray, np.ndarray | None]]:
         """``(start, images, labels)`` for consecutive blocks of at most ``size`` slices."""
