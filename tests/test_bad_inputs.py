@@ -294,7 +294,8 @@ def _expand(text: str, d: Path, ckpt: Path) -> str:
 
 @pytest.mark.parametrize("case", MATRIX, ids=[c.name for c in MATRIX])
 def test_bad_input_is_one_line_error(case, bad, tiny_checkpoint):
-    result = run_cli(*(_expand(a, bad, tiny_checkpoint) for a in case.args), expect=None)
+    result = run_cli(*(_expand(a, bad, tiny_checkpoint) for a in case.args), expect=None,
+                     in_process=True)
     assert_one_line_error(result, *(_expand(s, bad, tiny_checkpoint) for s in case.says))
     assert not (bad / MARKER).exists(), "the pickle's payload ran"
 

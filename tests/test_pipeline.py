@@ -117,12 +117,12 @@ def test_from_and_until_select_stages(pipeline_run):
 def test_pipeline_spec_errors_are_one_line(tmp_path, small_manifests, tiny_checkpoint):
     cyclic = write_pipeline(tmp_path, small_manifests, tiny_checkpoint,
                             pretrain={"checkpoint": "${finetune.sam_merged}"})
-    assert_one_line_error(run_cli("run", cyclic, "--dry-run", expect=None), "cycle")
+    assert_one_line_error(run_cli("run", cyclic, "--dry-run", expect=None, in_process=True), "cycle")
     unknown = write_pipeline(tmp_path, small_manifests, tiny_checkpoint, finetune={"checkpoint": "${pretrian.dir}"})
-    assert_one_line_error(run_cli("run", unknown, "--dry-run", expect=None), "pretrian")
+    assert_one_line_error(run_cli("run", unknown, "--dry-run", expect=None, in_process=True), "pretrian")
     good = write_pipeline(tmp_path, small_manifests, tiny_checkpoint)
-    assert_one_line_error(run_cli("run", good, "--dry-run", "finetune.lrr=1", expect=None), "lrr")
-    assert_one_line_error(run_cli("run", tmp_path / "missing.yaml", expect=None), "missing.yaml")
+    assert_one_line_error(run_cli("run", good, "--dry-run", "finetune.lrr=1", expect=None, in_process=True), "lrr")
+    assert_one_line_error(run_cli("run", tmp_path / "missing.yaml", expect=None, in_process=True), "missing.yaml")
 
 
 def test_strategy_grid_expands_its_matrix(tmp_path):
@@ -163,4 +163,4 @@ def test_matrix_mappings_without_names_and_bad_matrix_refs(tmp_path):
     for ref in ("${matrix.strategy}", "${matrix.strategy.rank}", "${matrix.arch}"):
         spec["stages"]["finetune"]["config"]["encoder"] = ref
         path.write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
-        assert_one_line_error(run_cli("run", path, "--dry-run", expect=None), ref)
+        assert_one_line_error(run_cli("run", path, "--dry-run", expect=None, in_process=True), ref)

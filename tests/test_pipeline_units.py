@@ -105,7 +105,7 @@ def test_stage_status_on_hand_written_folders(tmp_path):
 def test_pipeline_specs_that_would_escape_or_fail_late_are_refused_first(tmp_path, spec, says):
     path = tmp_path / "p.yaml"
     path.write_text(yaml.safe_dump(spec), encoding="utf-8")
-    assert_one_line_error(run_cli("run", path, "--runs-dir", tmp_path / "runs", expect=None), says)
+    assert_one_line_error(run_cli("run", path, "--runs-dir", tmp_path / "runs", expect=None, in_process=True), says)
     assert not (tmp_path / "runs").exists()
 
 
@@ -122,7 +122,8 @@ BILLION_LAUGHS = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
 def test_hostile_yaml_is_a_one_line_error_for_configs_and_pipelines(tmp_path, text, says):
     path = tmp_path / "p.yaml"
     path.write_text(text, encoding="utf-8")
-    assert_one_line_error(run_cli("run", path, expect=None), says)
-    assert_one_line_error(run_cli("finetune", "--config", path, "data=x", "out=o", "num_classes=2", expect=None), says)
+    assert_one_line_error(run_cli("run", path, expect=None, in_process=True), says)
+    assert_one_line_error(run_cli("finetune", "--config", path, "data=x", "out=o", "num_classes=2", expect=None,
+                                  in_process=True), says)
     path.write_bytes("arch: vit_b\n".encode("utf-16"))
-    assert_one_line_error(run_cli("run", path, expect=None), "not UTF-8")
+    assert_one_line_error(run_cli("run", path, expect=None, in_process=True), "not UTF-8")
