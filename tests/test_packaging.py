@@ -29,4 +29,6 @@ def test_a_non_editable_install_runs_packaged_pipelines_from_anywhere(tmp_path):
                              str(tmp_path / "runs")], cwd=tmp_path, env=env, capture_output=True, encoding="utf-8")
     assert listed.returncode == 0, listed.stderr
     assert [line.split()[0] for line in listed.stdout.splitlines()] == [
-        "pretrain", "finetune_ssl", "finetune_base", "evaluate_ssl", "evaluate_base"]
+        "pretrain", "finetune_ssl", "finetune_base", "baseline", "litemedsam_finetune", "evaluate_ssl",
+        "evaluate_base", "evaluate_baseline", "litemedsam_zero_shot", "litemedsam_zero_shot_3d", "litemedsam_adapted",
+        "litemedsam_adapted_3d"]
