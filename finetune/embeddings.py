@@ -37,10 +37,12 @@ class EmbeddingDataset(Dataset):
         self.slices, self.views, self.seed, self.epoch = slices, max(views, 1), seed, 0
         # Slice cache entries are keyed by the volume's content and preprocessing, so an edited image or
         # another dataset with the same case ids gets its own embeddings.
+        # The seed draws only the augmented views: without views, seeds of a sweep share one cache entry.
         ids = [(slices.entries[e][1].folder.name, slices.entries[e][1].mapping.plane, i) for e, i in slices.items]
         key_source = json.dumps({"encoder": encoder_fingerprint(segmenter.sam.image_encoder),
                                  "input_norm": segmenter.input_norm,
-                                 "prep": slices.prep.key(), "items": ids, "views": views, "seed": seed,
+                                 "prep": slices.prep.key(), "items": ids, "views": views,
+                                 "seed": seed if views else None,
                                  "augment": None if not views else repr(augment_config)})
         self.folder = Path(cache_root) / "embeddings" / hashlib.sha256(key_source.encode()).hexdigest()[:20]
         if not (self.folder / "index.json").is_file():
