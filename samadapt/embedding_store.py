@@ -56,14 +56,22 @@ class EmbeddingStore:
         missing = [i for i in indices if i not in found]
         if missing:
             folder.mkdir(parents=True, exist_ok=True)
-        for start in range(0, len(missing), batch_size):
-            batch = missing[start:start + batch_size]
-            images = torch.from_numpy(np.concatenate([slices.image_slices(i, i + 1) for i in batch]))[:, None]
-            with torch.no_grad():
-                encoded = self.model.embed(images.to(device)).float().cpu()
-            for index, embedding in zip(batch, encoded):
-                with atomic_path(folder / f"{index}.npy") as tmp:
-                    with open(tmp, "wb") as handle:
-                        np.save(handle, embedding.numpy())
-                found[index] = embedding
+        for index, embedding in encode_slices(self.model, slices, missing, batch_size, device).items():
+            with atomic_path(folder / f"{index}.npy") as tmp:
+                with open(tmp, "wb") as handle:
+                    np.save(handle, embedding.numpy())
+            found[index] = embedding
         return found
+
+
+def encode_slices(model, slices: VolumeSlices, indices: list[int], batch_size: int,
+                  device: torch.device | str) -> dict[int, torch.Tensor]:
+    """``{slice: 256 x g x g float32 embedding on the CPU}`` of ``model``'s encoder (a SamSegmenter's ``embed``)
+    for the slices ``indices``, in batches of ``batch_size``."""
+    encoded: dict[int, torch.Tensor] = {}
+    for start in range(0, len(indices), batch_size):
+        batch = indices[start:start + batch_size]
+        images = torch.from_numpy(np.concatenate([slices.image_slices(i, i + 1) for i in batch]))[:, None]
+        with torch.no_grad():
+            encoded.update(zip(batch, model.embed(images.to(device)).float().cpu()))
+    return encoded

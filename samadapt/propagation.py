@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from samadapt.data import VolumeSlices
-from samadapt.embedding_store import EmbeddingStore
+from samadapt.embedding_store import EmbeddingStore, encode_slices
 from samadapt.models.prompts import Prompts
 
 MARGIN_AT_256 = 3  # px grown around the neighbour's prediction, at a 256-px canvas (the challenge's bbox_shift)
@@ -87,7 +87,7 @@ def propagate_boxes(model, slices: VolumeSlices, boxes: list[Box3D], batch_size:
     margin = round(MARGIN_AT_256 * size / 256)
     covered = sorted({z for box in boxes for z in range(box.first, box.last + 1)})
     embeddings = (store.embeddings(slices, covered, batch_size, device) if store is not None
-                  else _embeddings(model, slices, covered, batch_size, device))
+                  else encode_slices(model, slices, covered, batch_size, device))
     logits = torch.zeros(count, foreground, size, size)
     present = torch.zeros(count, foreground, dtype=torch.bool)
     for box in boxes:
@@ -105,18 +105,3 @@ def propagate_boxes(model, slices: VolumeSlices, boxes: list[Box3D], batch_size:
             present[z, channel] = True
     model.train(was_training)
     return model.predict_labels(logits, present).to(torch.uint8).numpy()
-
-
-def _embeddings(model, slices: VolumeSlices, covered: list[int], batch_size: int,
-                device: torch.device | str) -> dict[int, torch.Tensor]:
-    """``{slice: 256 x g x g embedding on the CPU}`` for the ``covered`` slices, encoded in batches of
-    consecutive slices."""
-    embeddings: dict[int, torch.Tensor] = {}
-    runs = np.split(np.asarray(covered, dtype=int), np.flatnonzero(np.diff(covered) != 1) + 1) if covered else []
-    for run in runs:
-        for start in range(int(run[0]), int(run[-1]) + 1, batch_size):
-            stop = min(start + batch_size, int(run[-1]) + 1)
-            images = torch.from_numpy(slices.image_slices(start, stop))[:, None].to(device)
-            for offset, embedding in enumerate(model.embed(images).cpu()):
-                embeddings[start + offset] = embedding
-    return embeddings
