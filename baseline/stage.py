@@ -14,20 +14,28 @@ from pathlib import Path
 import torch
 
 from samadapt.baseline.config import BaselineConfig
+from samadapt.data.device_augment import augment_on_device
 from samadapt.data.manifest import resolve_manifest
 from samadapt.inference import AUTOMATIC
 from samadapt.models.unet import UNetSegmenter, save_unet
 from samadapt.stage_record import StageOutput, begin_stage, finish_stage
 from samadapt.stages import STAGES
-from samadapt.supervised import Validator, labeled_slices, split_cases, steps_per_epoch, validation_hook
+from samadapt.supervised import (
+    Validator,
+    labeled_slices,
+    split_cases,
+    steps_per_epoch,
+    validation_hook,
+)
 from samadapt.training import Trainer, make_accelerator
 
 BASELINE = STAGES["baseline"]
 
 
-def make_loss_fn(model: UNetSegmenter):
+def make_loss_fn(config: BaselineConfig, model: UNetSegmenter):
     """``loss_fn(prepared_model, batch) -> (DiceCE loss, lazy train Dice)`` for :meth:`Trainer.fit`."""
     def loss_fn(prepared, batch):
+        batch = augment_on_device(config.augment, batch)
         labels = batch["label"]
         logits = prepared(batch["image"])  # B x 1 x S x S in [0, 1] → B x K x S x S
         detached = logits.detach()  # not the graph: the closure outlives this step
@@ -55,7 +63,7 @@ def run(config: BaselineConfig) -> StageOutput:
               f"{len(split.val)} validation volumes")
     every = config.val_every or steps_per_epoch(slices, config, accelerator)
     trainer = Trainer(accelerator, config, out)
-    result = trainer.fit(model, slices, make_loss_fn(model), sample_weights=slices.sample_weights(),
+    result = trainer.fit(model, slices, make_loss_fn(config, model), sample_weights=slices.sample_weights(),
                          after_step=validation_hook(validator, every, config.steps),
                          stateful={"validator": validator} if validator else None, desc="baseline")
     accelerator.wait_for_everyone()

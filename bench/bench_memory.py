@@ -37,7 +37,7 @@ def one(checkpointing: bool) -> dict:
     loss_fn = make_loss_fn(config, model, use_embeddings=False)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     batch = {"image": torch.rand(1, 1, SIZE, SIZE), "label": (torch.rand(1, SIZE, SIZE) > 0.5).long(),
-             "case_id": ["random"], "slice": torch.tensor([0])}
+             "case_id": ["random"], "slice": torch.tensor([0]), "augment_seed": torch.tensor([0])}
     gc.collect()
     before = current_rss_gib()
     start = time.perf_counter()

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from samadapt.data.device_augment import augment_on_device
 from samadapt.data.manifest import resolve_manifest
 from samadapt.finetune.config import FinetuneConfig
 from samadapt.finetune.embeddings import EmbeddingDataset
@@ -28,7 +29,13 @@ from samadapt.models.segmenter import SamSegmenter
 from samadapt.models.strategies import apply_strategy, parameter_summary, parameter_summary_line
 from samadapt.stage_record import StageOutput, begin_stage, finish_stage
 from samadapt.stages import STAGES
-from samadapt.supervised import Validator, labeled_slices, split_cases, steps_per_epoch, validation_hook
+from samadapt.supervised import (
+    Validator,
+    labeled_slices,
+    split_cases,
+    steps_per_epoch,
+    validation_hook,
+)
 from samadapt.training import Trainer, make_accelerator
 
 FINETUNE = STAGES["finetune"]
@@ -67,6 +74,8 @@ def make_loss_fn(config: FinetuneConfig, segmenter: SamSegmenter, use_embeddings
     ``segmenter`` is the plain (unprepared) model: its loss and label helpers hold no parameters. The train
     Dice is computed lazily, only for the steps whose logs become a metrics row."""
     def loss_fn(prepared, batch):
+        if not use_embeddings:  # before the prompts: they come from the (augmented) labels
+            batch = augment_on_device(config.augment, batch)
         labels = batch["label"]
         prompts = batch_prompts(config, labels.cpu(), batch["case_id"], batch["slice"])
         prompts = prompts.to(labels.device) if prompts is not None else None

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
 from samadapt.config import group, key, required
+from samadapt.data.augment import AugmentConfig
 from samadapt.data.preprocessing import Preprocessing, preprocessing_fields
 from samadapt.errors import UserError
 
@@ -82,6 +83,11 @@ class TrainKeys(SeedKeys, BatchKeys):
     resume: bool = key(True, "resume from the newest out/state/step_<N>/ if one exists")
     log_every: int = key(10, "steps between rows of out/metrics.csv", bounds="[1, inf)")
     tensorboard: bool = key(True, "also write each metrics row to out/tensorboard/ (if tensorboard is installed)")
+
+
+@dataclass(kw_only=True)
+class AugmentKeys:
+    augment: AugmentConfig = group(AugmentConfig, "2D augmentations (per batch on the device, or per slice with MONAI)")
 
 
 @dataclass

@@ -14,18 +14,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from samadapt.config import group, key
-from samadapt.data.augment import AugmentConfig
+from samadapt.config import key
 from samadapt.data.splits import Split, SplitKeys, choose_split
 from samadapt.io import write_json
-from samadapt.keys import preprocessing
+from samadapt.keys import AugmentKeys, preprocessing
 
 # Stage configs import this module for the keys (``--help``): torch, accelerate, MONAI and the inference path are
 # imported inside the functions that run training.
 
 
 @dataclass(kw_only=True)
-class SupervisedKeys(SplitKeys):
+class SupervisedKeys(SplitKeys, AugmentKeys):
     """Which labeled slices train, how they are augmented, and how often the validation cases are scored."""
 
     empty_fraction: float = key(
@@ -34,7 +33,6 @@ class SupervisedKeys(SplitKeys):
     skip_empty: float = key(
         0.01, "drop background-only slices whose imaged-object fraction is below this", bounds="[0, 1)"
     )
-    augment: AugmentConfig = group(AugmentConfig, "2D augmentations (MONAI)")
     val_every: int = key(0, "steps between validations; 0 = once per epoch", bounds="[0, inf)")
     patience: int = key(0, "stop after this many validations without a better val Dice; 0 = never", bounds="[0, inf)")
     eval_batch_size: int = key(8, "slices per forward pass in validation", bounds="[1, inf)")
@@ -52,12 +50,14 @@ def split_cases(config: Any, manifest: Path, splits_path: Path, main_process: bo
 
 def labeled_slices(config: Any, cases: list, augment: bool = True):
     """The training :class:`~samadapt.data.SliceDataset` of ``cases`` (class-balanced draws via
-    ``sample_weights``), augmented unless told not."""
+    ``sample_weights``), augmented per slice unless told not or ``augment.on_device`` (then the loss augments
+    each batch: :func:`~samadapt.data.device_augment.augment_on_device`)."""
     from samadapt.data import SliceDataset
 
+    per_slice = augment and not config.augment.on_device
     return SliceDataset(cases, preprocessing(config), cache_dir=config.cache_dir, labeled=True,
                         num_classes=config.num_classes, skip_empty=config.skip_empty,
-                        empty_fraction=config.empty_fraction, augment=config.augment if augment else None,
+                        empty_fraction=config.empty_fraction, augment=config.augment if per_slice else None,
                         seed=config.seed)
 
 

@@ -8,8 +8,16 @@ from dataclasses import replace
 import pytest
 import torch
 
+from conftest import finetune_args, losses, run_cli
 from samadapt.data.augment import AugmentConfig
-from samadapt.data.device_augment import BatchParameters, augment_batch, batch_generator
+from samadapt.data.device_augment import (
+    BatchParameters,
+    adjust_contrast,
+    augment_batch,
+    augment_on_device,
+    batch_generator,
+    sampling_grid,
+)
 
 SIZE = 32
 
@@ -104,3 +112,60 @@ def test_parameter_distributions_follow_the_config():
     images, labels = batch(64)
     out_images, out_labels = augment_batch(off, images, labels)
     assert torch.equal(out_images, images) and torch.equal(out_labels, labels)
+
+
+def test_item_parameters_do_not_depend_on_how_the_batch_is_split():
+    """Two processes (each half of the global batch) draw what one process draws for the whole batch."""
+    seeds = [11, 12, 13, 14]
+    whole = BatchParameters.for_items(AugmentConfig(), seeds)
+    halves = [BatchParameters.for_items(AugmentConfig(), part) for part in (seeds[:2], seeds[2:])]
+    for name in ("flip", "angle", "zoom", "gamma", "scale", "shift"):
+        assert torch.equal(getattr(whole, name), torch.cat([getattr(h, name) for h in halves])), name
+    assert not torch.equal(whole.angle, BatchParameters.for_items(AugmentConfig(), [15, 16, 17, 18]).angle)
+
+
+def test_step_batch_follows_each_items_seed_and_keeps_the_other_entries():
+    images, labels = batch(4)
+    loader_batch = {"image": images, "label": labels, "case_id": ["a", "b", "c", "d"],
+                    "augment_seed": torch.tensor([5, 6, 7, 8])}
+    config = AugmentConfig(prob=1.0)
+    out = augment_on_device(config, loader_batch)
+    assert out["case_id"] == loader_batch["case_id"] and torch.equal(loader_batch["image"], images)
+    reversed_batch = {key: value.flip(0) if torch.is_tensor(value) else value[::-1]
+                      for key, value in loader_batch.items()}
+    back = augment_on_device(config, reversed_batch)  # the same items in another order: the same augmentations
+    assert torch.equal(back["image"].flip(0), out["image"]) and torch.equal(back["label"].flip(0), out["label"])
+    assert not torch.equal(out["image"], images)
+
+
+
+def test_finetune_augments_on_the_device_and_equals_the_loader_path_when_nothing_fires(
+        small_manifests, tiny_checkpoint, tmp_path):
+    """Through the CLI: with prob=0 both paths train on the same batches (same losses, exactly); with the
+    default config the device path changes what the model sees."""
+    def run(name: str, **keys) -> dict[int, float]:
+        run_cli(*finetune_args(small_manifests["brain"], tiny_checkpoint, tmp_path / name, steps=3, save_every=100,
+                               val_every=100, val_split="none", **keys))
+        return losses(tmp_path / name)
+
+    device_off = run("device_off", **{"augment.on_device": "true", "augment.prob": 0})
+    loader_off = run("loader_off", **{"augment.on_device": "false", "augment.prob": 0})
+    device_on = run("device_on", **{"augment.on_device": "true", "augment.prob": 1})
+    assert device_off == loader_off
+    assert device_on != device_off
+
+
+def test_sampling_grid_equals_torchs_affine_grid():
+    params = BatchParameters.draw(AugmentConfig(prob=1.0), 3, batch_generator(2))
+    theta = params.affines().float()
+    expected = torch.nn.functional.affine_grid(theta, [3, 1, 20, 28], align_corners=False)
+    torch.testing.assert_close(sampling_grid(theta, 20, 28), expected, atol=1e-6, rtol=0)
+
+
+def test_batched_gamma_equals_monais_adjust_contrast_per_slice():
+    from monai.transforms import AdjustContrast
+
+    images = torch.rand(3, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(4)) * 0.7 + 0.1
+    gamma = torch.tensor([0.7, 1.0, 1.4])
+    expected = torch.stack([torch.as_tensor(AdjustContrast(float(g))(images[i])) for i, g in enumerate(gamma)])
+    torch.testing.assert_close(adjust_contrast(images, gamma), expected, atol=1e-6, rtol=0)

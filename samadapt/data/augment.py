@@ -29,6 +29,9 @@ class AugmentConfig:
                                                 "bounds": "[0, 10]"})
     intensity: float = field(default=0.1, metadata={"help": "max relative intensity scale and shift (0 = off)",
                                                     "bounds": "[0, 1]"})
+    on_device: bool = field(default=True, metadata={
+        "help": "augment each batch with tensor ops on the training device (samadapt.data.device_augment) "
+                "instead of per slice with MONAI in the DataLoader"})
 
     def __post_init__(self) -> None:
         from samadapt.config import check_bounds

@@ -23,7 +23,8 @@ class SliceDataset(Dataset):
     """Slices of ``cases`` through the slice cache.
 
     Items: ``{"image": float32 1 x S x S in [0, 1], "label": int64 S x S (labeled only),
-    "case_id": str, "slice": int, "plane": str}``.
+    "case_id": str, "slice": int, "plane": str, "augment_seed": int}`` (``augment_seed``: what the
+    item's augmentation draws from, in ``__getitem__`` or batched on the device).
 
     * ``skip_empty``: drop slices whose imaged-object fraction (pixels above 0.05) is below this
       (0 = keep all); for labeled data only slices without any foreground label are dropped this way.
@@ -84,13 +85,13 @@ class SliceDataset(Dataset):
         case, entry = self.entries[e]
         image = entry.image(i)
         label = entry.label(i) if self.labeled else None
+        # A pure function of (seed, epoch, item): the same in every DataLoader worker and process, and the same
+        # again after a resumed run replays this epoch — here, or on the device (data.device_augment).
+        seed = derived_seed(self.seed, "augment", self.epoch, index)
         if self._transform is not None:
-            # A pure function of (seed, epoch, item): the same in every DataLoader worker and process, and
-            # the same again after a resumed run replays this epoch.
-            seed = derived_seed(self.seed, "augment", self.epoch, index)
             image, label = augment(self._transform, image, label, seed)
         item = {"image": torch.from_numpy(np.ascontiguousarray(image))[None], "case_id": case.id, "slice": i,
-                "plane": entry.mapping.plane}
+                "plane": entry.mapping.plane, "augment_seed": seed}
         if label is not None:
             item["label"] = torch.from_numpy(np.ascontiguousarray(label))
         return item

@@ -7,12 +7,13 @@ to [0, 1]), but after the batch reaches the GPU, so the DataLoader only reads ca
 - flip, rotation and zoom are composed into one 2 x 3 affine per slice and applied with one batched
   ``affine_grid`` + ``grid_sample`` (image bilinear, label nearest, zero padding) — one resampling where
   MONAI resamples once for the rotation and once for the zoom, so images are slightly less smoothed;
-- gamma is MONAI's ``AdjustContrast`` (per slice: its min/max are the slice's own), scale and shift are
-  ``RandScaleIntensity``'s ``x * (1 + f)`` and ``RandShiftIntensity``'s ``x + o``, vectorised.
+- gamma is MONAI's ``AdjustContrast`` formula (per slice: its min/max are the slice's own), scale and shift are
+  ``RandScaleIntensity``'s ``x * (1 + f)`` and ``RandShiftIntensity``'s ``x + o``, all vectorised over the batch.
 
-Per-slice parameters come from a CPU ``torch.Generator`` (:func:`batch_generator`, seeded from the step's
-seed by :func:`samadapt.seeds.derived_seed`), a fixed number of draws per slice whatever is enabled: the same
-step gives the same augmentation on any device, after a resume, in any process.
+In training each slice's parameters come from its own CPU ``torch.Generator`` seeded by the item's
+``augment_seed`` (:class:`~samadapt.data.SliceDataset`: a pure function of seed, epoch and item, the seed the
+per-slice MONAI path uses), a fixed number of draws whatever is enabled: the same slice in the same epoch gets
+the same augmentation on any device, after a resume, and however the batch is split across processes.
 """
 
 from __future__ import annotations
@@ -26,10 +27,12 @@ import torch.nn.functional as F
 from samadapt.data.augment import AugmentConfig
 from samadapt.seeds import derived_seed
 
+DRAWS = 11  # uniforms per slice, whatever is enabled: a config change does not shift the other draws
 
-def batch_generator(step_seed: int) -> torch.Generator:
-    """The generator of one micro-batch's augmentation, fixed by its step seed (``training.step_seed``)."""
-    return torch.Generator().manual_seed(derived_seed(step_seed, "device_augment"))
+
+def batch_generator(seed: int) -> torch.Generator:
+    """The generator of the augmentation parameters drawn for ``seed`` (an item's ``augment_seed``)."""
+    return torch.Generator().manual_seed(derived_seed(seed, "device_augment"))
 
 
 @dataclass(frozen=True)
@@ -54,12 +57,25 @@ class BatchParameters:
         """Parameters as the MONAI pipeline draws them: each transform fires with ``config.prob``; angle
         uniform in ±rotate degrees, zoom in 1 ± zoom, gamma in [1/(1+g), 1+g], scale 1 + U(±intensity),
         shift U(±intensity)."""
+        return cls.from_uniforms(config, torch.rand(batch, DRAWS, generator=generator, dtype=torch.float64))
+
+    @classmethod
+    def for_items(cls, config: AugmentConfig, item_seeds: list[int]) -> BatchParameters:
+        """One slice's parameters per seed (each from its own generator), as a batch."""
+        rows = [torch.rand(1, DRAWS, generator=batch_generator(seed), dtype=torch.float64) for seed in item_seeds]
+        return cls.from_uniforms(config, torch.cat(rows))
+
+    @classmethod
+    def from_uniforms(cls, config: AugmentConfig, uniforms: torch.Tensor) -> BatchParameters:
+        """The parameters of :meth:`draw` from B x ``DRAWS`` values uniform in [0, 1): per transform one to
+        decide whether it fires, one for its amount (flip has none)."""
+        columns = iter(uniforms.unbind(1))
 
         def fires(enabled: bool) -> torch.Tensor:
-            return (torch.rand(batch, generator=generator, dtype=torch.float64) < config.prob) & enabled
+            return (next(columns) < config.prob) & enabled
 
         def uniform(low: float, high: float) -> torch.Tensor:
-            return low + (high - low) * torch.rand(batch, generator=generator, dtype=torch.float64)
+            return low + (high - low) * next(columns)
 
         flip = fires(config.flip)
         angle = torch.where(fires(config.rotate > 0), uniform(-1, 1) * math.radians(config.rotate), 0.0)
@@ -83,29 +99,62 @@ class BatchParameters:
         return self.flip | (self.angle != 0) | (self.zoom != 1)
 
 
+def augment_on_device(config: AugmentConfig, batch: dict) -> dict:
+    """A training batch of :class:`~samadapt.data.SliceDataset` items (``image`` B x 1 x S x S, optional
+    ``label`` B x S x S, on the device; ``augment_seed`` B) augmented where the loss receives it, when
+    ``config.on_device`` (the DataLoader then delivered it unaugmented): a new dict, the other entries as
+    they were. Otherwise the batch as it came."""
+    if not config.on_device:
+        return batch
+    params = BatchParameters.for_items(config, [int(seed) for seed in batch["augment_seed"].tolist()])
+    images, labels = augment_batch(params, batch["image"], batch.get("label"))
+    return {**batch, "image": images} | ({"label": labels} if labels is not None else {})
+
+
+def sampling_grid(theta: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """``F.affine_grid(theta, [B, 1, H, W], align_corners=False)`` (B x H x W x 2) as two broadcast planes: the
+    same grid, 7x faster on the CPU than its B x HW x 3 batched matmul (3.7 vs 0.5 ms for 4 x 256 x 256)."""
+    x = ((torch.arange(width, device=theta.device, dtype=theta.dtype) * 2 + 1) / width - 1).view(1, 1, -1)
+    y = ((torch.arange(height, device=theta.device, dtype=theta.dtype) * 2 + 1) / height - 1).view(1, -1, 1)
+    rows = [theta[:, row, 0].view(-1, 1, 1) * x + theta[:, row, 1].view(-1, 1, 1) * y + theta[:, row, 2].view(-1, 1, 1)
+            for row in (0, 1)]
+    return torch.stack(rows, dim=-1)
+
+
+def adjust_contrast(images: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+    """MONAI's ``AdjustContrast(gamma)`` applied to each slice of images B x 1 x S x S with its own gamma (B):
+    ``((x - min) / (range + 1e-7)) ** gamma * range + min`` on each slice's own min and range. The same
+    formula vectorised: MONAI's transform takes one gamma per call and reads ``float(range)`` back from the
+    device, a host sync per slice."""
+    low = images.amin(dim=(1, 2, 3), keepdim=True)
+    span = images.amax(dim=(1, 2, 3), keepdim=True) - low
+    return ((images - low) / (span + 1e-7)) ** gamma.view(-1, 1, 1, 1) * span + low
+
+
 @torch.no_grad()
 def augment_batch(
     params: BatchParameters, images: torch.Tensor, labels: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """images: float B x 1 x S x S in [0, 1]; labels: int B x S x S (or None) → both augmented by ``params``,
     on their device (new tensors; the inputs are not modified). Labels keep their dtype and values."""
-    from monai.data import set_track_meta
-    from monai.transforms import AdjustContrast
-
-    set_track_meta(False)  # plain tensors out, as in samadapt.data.augment
-    images = images.clone()
-    labels = None if labels is None else labels.clone()
-    moved = params.moves().nonzero().squeeze(1).tolist()
-    if moved:
-        theta = params.affines()[moved].to(images.device, images.dtype)
-        grid = F.affine_grid(theta, [len(moved), *images.shape[1:]], align_corners=False)
-        images[moved] = F.grid_sample(images[moved], grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    moves = params.moves()
+    if bool(moves.any()):
+        theta = params.affines().to(images.device, images.dtype)
+        grid = sampling_grid(theta, *images.shape[-2:])
+        # The whole batch is resampled, the unmoved slices taken back whole (exactly): no gather and scatter.
+        keep = None if bool(moves.all()) else moves.to(images.device)
+        warped = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        images = warped if keep is None else torch.where(keep.view(-1, 1, 1, 1), warped, images)
         if labels is not None:
-            warped = F.grid_sample(labels[moved, None].to(images.dtype), grid, mode="nearest", padding_mode="zeros",
-                                   align_corners=False)
-            labels[moved] = warped[:, 0].round().to(labels.dtype)
-    for index in (params.gamma != 1).nonzero().squeeze(1).tolist():
-        images[index] = AdjustContrast(float(params.gamma[index]))(images[index])
+            warped = F.grid_sample(labels[:, None].to(images.dtype), grid, mode="nearest", padding_mode="zeros",
+                                   align_corners=False)[:, 0].round().to(labels.dtype)
+            labels = warped if keep is None else torch.where(keep.view(-1, 1, 1), warped, labels)
+    elif labels is not None:
+        labels = labels.clone()
+    changed = params.gamma != 1
+    if bool(changed.any()):
+        gamma = params.gamma.to(images.device, images.dtype)
+        images = torch.where(changed.to(images.device).view(-1, 1, 1, 1), adjust_contrast(images, gamma), images)
     scale = params.scale.to(images.device, images.dtype).view(-1, 1, 1, 1)
     shift = params.shift.to(images.device, images.dtype).view(-1, 1, 1, 1)
     return (images * scale + shift).clamp_(0.0, 1.0), labels
