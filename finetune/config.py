@@ -35,17 +35,17 @@ class FinetuneConfig(SegmenterKeys, SupervisedKeys, DataKeys, TrainKeys, PromptK
                 raise ValueError(f"class_weights={self.class_weights!r}: expected numbers like 0.2,1,3") from None
             if self.prompt != "none" or self.num_classes == 2:
                 raise ValueError("class_weights needs prompt=none and num_classes > 2 (softmax) — drop class_weights")
-        if self.grad_checkpointing and self.arch in ("vit_t", "vit_t_lite"):
-            raise ValueError(
-                "grad_checkpointing=true is for the plain-ViT encoders (vit_b/l/h, vit_tiny); "
-                f"TinyViT (arch={self.arch}) is not supported yet — set it to false"
-            )
         # Checked before training, not after it: plain SAM weights hold neither a class head nor adapters.
         if self.export_merged and (self.prompt == "none" or "adapter" in (self.encoder, self.decoder)):
             raise ValueError(
                 "export_merged=true needs prompt=box|point and no adapters — plain SAM weights cannot "
                 "hold the automatic mode's class head or bottleneck adapters"
             )
+
+    @property
+    def trains_on_embeddings(self) -> bool:
+        """Whether training reads cached image embeddings (frozen encoder + cache) instead of running the encoder."""
+        return self.encoder == "frozen" and self.embedding_cache
 
     @property
     def class_weight_values(self) -> list[float] | None:

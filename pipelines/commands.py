@@ -20,6 +20,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--until", metavar="STAGE", help="stop after this stage")
     parser.add_argument("--force", action="store_true", help="rerun selected stages even if up to date")
     parser.add_argument("--dry-run", action="store_true", help="list the stages and their status, run nothing")
+    parser.add_argument("--cost", action="store_true",
+                        help="with --dry-run: each fine-tune's training FLOPs and GPU time on paper (s per stage)")
     parser.add_argument("--runs-dir", metavar="DIR", help="folder for the stage folders (default runs/<pipeline name>)")
     parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     parser.set_defaults(func=_run)
@@ -35,6 +37,7 @@ def _run(args: argparse.Namespace) -> int:
         until=args.until,
         force=args.force,
         dry_run=args.dry_run,
+        cost=args.cost,
         runs_dir=args.runs_dir,
     )
     return 0

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from samadapt.config import build, iter_keys, parse_overrides, read_yaml, to_dict
+from samadapt.cost import finetune_cost_line
 from samadapt.errors import UserError
 from samadapt.io import write_json
 from samadapt.pipelines.comparison import check_compare, compare_stages
@@ -277,8 +278,10 @@ def run_pipeline(
     force: bool = False,
     dry_run: bool = False,
     runs_dir: str | None = None,
+    cost: bool = False,
 ) -> dict[str, str]:
-    """Run (or with ``dry_run`` list) the selected stages; returns {stage name: what happened}."""
+    """Run (or with ``dry_run`` list, with ``cost`` each fine-tune's estimated cost) the selected stages;
+    returns {stage name: what happened}."""
     source = locate(pipeline)
     spec = read_yaml(source)
     name = check_name(str(spec.get("name") or source.stem), "pipeline name", source)
@@ -315,8 +318,9 @@ def run_pipeline(
                 check_output(stage.command, stage.out)  # only a folder this stage wrote loses its states
                 discard_states(stage.out)
         outcome[stage.name] = status
-        if dry_run:
-            _say(f"{stage.name:<40} {stage.command:<9} {status:<13} {stage.out}")
+        if dry_run:  # a fine-tune's training FLOPs and GPU time on paper (samadapt.cost), on its own line's end
+            estimate = f"  {finetune_cost_line(config)}" if cost and stage.command == "finetune" else ""
+            _say(f"{stage.name:<40} {stage.command:<9} {status:<13} {stage.out}{estimate}")
             continue
         if status == "up to date":
             _say(f"[{stage.name}] up to date — skipped")

@@ -103,7 +103,6 @@ def test_describe_lists_every_key_with_default():
     (["export_merged=true", "prompt=box", "encoder=adapter"], "no adapters"),
     (["num_classes=3", "class_weights=1,x,2"], "expected numbers"),
     (["class_weights=1,2"], "needs prompt=none and num_classes > 2"),
-    (["arch=vit_t", "grad_checkpointing=true"], "TinyViT"),
 ])
 def test_finetune_keys_that_would_fail_after_training_fail_before_it(overrides, message):
     from samadapt.finetune.config import FinetuneConfig

@@ -84,6 +84,16 @@ class SamSegmenter(nn.Module):
         if prompt == "none":
             self.class_head = ClassHead(sam.mask_decoder, self.num_outputs)
 
+    def train(self, mode: bool = True) -> SamSegmenter:
+        """Training mode for everything but BatchNorm (TinyViT's convolutions): its running statistics stay the
+        pretrained ones. They are buffers, not trained tensors — a fine-tune saves only what it trains, so
+        statistics drifting on small batches would differ between the validated model and the reloaded one."""
+        super().train(mode)
+        for module in self.sam.image_encoder.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
+        return self
+
     @property
     def num_outputs(self) -> int:
         """Logit channels C: K (softmax) or 1 (binary sigmoid) without prompts, K-1 with prompts."""
