@@ -115,7 +115,7 @@ def measure(quick: bool, data: str = "demo:brain", seconds: float | None = None,
     seconds = seconds or (2.0 if quick else 10.0)
     steps = 3 if quick else 10
     with tempfile.TemporaryDirectory(prefix="bench_loader_") as tmp:
-        config, model, dataset, _, loss, _ = finetune_setup(Path(tmp))
+        config, model, dataset, _, _, loss, _ = finetune_setup(Path(tmp), augment="cpu")
     if data != config.data:
         from samadapt.data.manifest import load_manifest, resolve_manifest
         from samadapt.keys import preprocessing

@@ -4,13 +4,15 @@
 
 The *stage loop* is :meth:`samadapt.training.Trainer.fit` exactly as the stage calls it: the stage's model
 (finetune: ``build_model``, vit_tiny 256, encoder=lora decoder=full prompt=none; pretrain:
-``MaskedAutoencoderSAM``, variant drop, mask 0.75), its dataset (slice cache, augmentation, weighted
-sampler), its parameter groups and loss, ``max_grad_norm`` and logging at their defaults, batch 4. Its
+``MaskedAutoencoderSAM``, variant drop, mask 0.75), its dataset (slice cache, weighted sampler), its
+parameter groups and loss (with the default augmentation: batched, on the device), ``max_grad_norm`` and
+logging at their defaults, batch 4. Its
 step time comes from the ``images_per_s`` the Trainer logs per window of ``log_every`` steps (the first
 window, with the DataLoader start-up, is dropped); checkpoints are off (``save_every`` huge), no hooks.
 
 The *bare loop* is forward → loss → backward → AdamW step → zero_grad on the same model object, the same
-parameter groups and one fixed batch of the same dataset (already in memory).
+parameter groups and one fixed batch of the same dataset (already in memory), not augmented: what the stage
+spends on augmentation is part of its overhead.
 
 Both alternate in rounds in this process, so a load change on the machine hits both; the ratio is the
 median stage step time over the median bare step time. ``detail`` also splits the stage's extra time into
@@ -32,41 +34,47 @@ from torch.utils.data import default_collate
 BATCH = 4
 
 
-def finetune_setup(out: Path, augment: bool = True):
-    """(config, model, dataset, sample_weights, loss_fn, groups) exactly as ``samadapt finetune`` builds them:
-    its ``build_model``, ``training_data`` and ``make_loss_fn`` (groups None: the Trainer's default)."""
+def finetune_setup(out: Path, augment: str = "device"):
+    """(config, model, dataset, sample_weights, stage loss_fn, bare loss_fn, groups) as ``samadapt finetune``
+    builds them: its ``build_model``, ``labeled_slices`` and ``make_loss_fn`` (groups None: the Trainer's
+    default). ``augment``: device (the default, ``augment.on_device``: the stage's loss augments each batch),
+    cpu (per slice with MONAI in the DataLoader) or none. The bare loop's loss never augments: what the stage
+    spends on augmentation counts as its overhead."""
     from samadapt.data.manifest import load_manifest, resolve_manifest
     from samadapt.finetune.config import FinetuneConfig
-    from samadapt.finetune.stage import build_model, make_loss_fn, training_data
-    from samadapt.training import make_accelerator
+    from samadapt.finetune.stage import build_model, make_loss_fn
+    from samadapt.supervised import labeled_slices
 
     config = FinetuneConfig(data="demo:brain", out=out, num_classes=2, arch="vit_tiny", image_size=256,
                             encoder="lora", decoder="full", prompt="none", batch_size=BATCH, val_split=None,
                             save_every=10**9, resume=False)
+    config = replace(config, augment=replace(config.augment, on_device=augment == "device"))
     cases = load_manifest(resolve_manifest(config.data), split=config.split, require_labels=True)
     model = build_model(config)
-    # augment=False: the loop alone, without the augmentation the stage runs in the main process.
-    data_config = config if augment else replace(config, augment=None)
-    slices, dataset = training_data(data_config, model, cases, make_accelerator(config))
-    return config, model, dataset, slices.sample_weights(), make_loss_fn(config, model, use_embeddings=False), None
+    slices = labeled_slices(config, cases, augment=augment != "none")
+    plain = replace(config, augment=replace(config.augment, on_device=False))
+    stage_loss = make_loss_fn(config if augment != "none" else plain, model, use_embeddings=False)
+    return config, model, slices, slices.sample_weights(), stage_loss, make_loss_fn(plain, model, False), None
 
 
-def pretrain_setup(out: Path, augment: bool = False):
+def pretrain_setup(out: Path, augment: str = "device"):
     """The same for ``samadapt pretrain`` (its ``build_dataset``, ``build_model``: MAE around vit_tiny's encoder,
-    ``masked_image_loss``) with the stage's layer-wise lr groups."""
+    ``make_loss_fn``; the bare loop: ``masked_image_loss``, unaugmented) with the stage's layer-wise lr groups."""
     from samadapt.pretrain.config import PretrainConfig
-    from samadapt.pretrain.stage import build_dataset, build_model, layer_lr_scale, masked_image_loss
+    from samadapt.pretrain.stage import build_dataset, build_model, layer_lr_scale, make_loss_fn, masked_image_loss
     from samadapt.training import param_groups
 
     config = PretrainConfig(data="demo:ssl", out=out, arch="vit_tiny", image_size=256, batch_size=BATCH,
                             save_every=10**9, resume=False, preview_every=0)
-    dataset = build_dataset(config)
+    config = replace(config, augment=replace(config.augment, on_device=augment != "cpu"))
+    dataset = build_dataset(config)  # on_device: the slices as cached, unaugmented
     sam, model = build_model(config)
     groups = param_groups(model, config.weight_decay, layer_lr_scale(len(sam.image_encoder.blocks), config.layer_decay))
-    return config, model, dataset, None, masked_image_loss, groups
+    stage_loss = masked_image_loss if augment == "none" else make_loss_fn(config)
+    return config, model, dataset, None, stage_loss, masked_image_loss, groups
 
 
-def interleaved(stage: str, steps: int, num_workers: int, tmp: Path, augment: bool = True) -> dict:
+def interleaved(stage: str, steps: int, num_workers: int, tmp: Path, augment: str = "device") -> dict:
     """One ``Trainer.fit`` of the stage; after every stage step one bare step runs (timed) in the hook.
 
     The stage step time is the time between two hook calls (everything the loop does per step: fetching
@@ -76,7 +84,7 @@ def interleaved(stage: str, steps: int, num_workers: int, tmp: Path, augment: bo
     from samadapt.training import Trainer, make_accelerator, param_groups
 
     setup = finetune_setup if stage == "finetune" else pretrain_setup
-    config, model, dataset, weights, loss, groups = setup(tmp / "init", augment)
+    config, model, dataset, weights, loss, bare_loss, groups = setup(tmp / "init", augment)
     config.steps, config.log_every, config.num_workers = steps, max(1, steps // 4), num_workers
     accelerator = make_accelerator(config)  # also sets the thread count like the stage
     model = model.to(accelerator.device)
@@ -89,7 +97,7 @@ def interleaved(stage: str, steps: int, num_workers: int, tmp: Path, augment: bo
 
     def bare_step() -> None:
         start = time.perf_counter()
-        value, _ = loss(model, batch)
+        value, _ = bare_loss(model, batch)
         value.backward()
         clip_start = time.perf_counter()
         torch.nn.utils.clip_grad_norm_(bare_params, config.max_grad_norm or float("inf"))
@@ -132,28 +140,28 @@ def batch_loading_ms(dataset, count: int) -> float:
 
 def measure(stage: str, quick: bool) -> dict:
     """The stage loop vs the bare loop (interleaved), at the stage's defaults (num_workers=0, finetune with
-    augmentation) and, in the full run, with one DataLoader worker and (finetune) without augmentation;
-    returns a result entry (value: the defaults)."""
+    on-device augmentation) and, in the full run, with one DataLoader worker, with the per-slice MONAI
+    augmentation and without any; returns a result entry (value: the defaults)."""
     steps = 8 if quick else 40
+
+    def rounded(result: dict) -> dict:
+        result.pop("dataset")
+        return {k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()}
+
     with tempfile.TemporaryDirectory(prefix=f"bench_{stage}_") as tmp:
         default = interleaved(stage, steps, 0, Path(tmp))
-        dataset = default.pop("dataset")
+        dataset = default["dataset"]
         detail = {
             "model": "vit_tiny 256 " + ("encoder=lora decoder=full prompt=none" if stage == "finetune"
                                         else "MAE variant=drop mask_ratio=0.75"),
-            "batch": BATCH, "augmentation": stage == "finetune", "num_workers": 0,
-            **{k: round(v, 3) if isinstance(v, float) else v for k, v in default.items()},
+            "batch": BATCH, "augmentation": "on the device (augment.on_device=true)", "num_workers": 0,
+            **rounded(default),
             "batch_loading_ms": round(batch_loading_ms(dataset, 5 if quick else 20), 1),
         }
         if not quick:
-            worker = interleaved(stage, steps, 1, Path(tmp))
-            worker.pop("dataset")
-            detail["with_1_worker"] = {k: round(v, 3) if isinstance(v, float) else v for k, v in worker.items()}
-            if stage == "finetune":  # the loop alone, without the augmentation it runs in the main process
-                plain = interleaved(stage, steps, 0, Path(tmp), augment=False)
-                plain.pop("dataset")
-                detail["without_augmentation"] = {k: round(v, 3) if isinstance(v, float) else v
-                                                  for k, v in plain.items()}
+            detail["with_1_worker"] = rounded(interleaved(stage, steps, 1, Path(tmp)))
+            detail["cpu_augmentation"] = rounded(interleaved(stage, steps, 0, Path(tmp), augment="cpu"))
+            detail["without_augmentation"] = rounded(interleaved(stage, steps, 0, Path(tmp), augment="none"))
     return entry(default["ratio"], "<= 1.05", detail)
 
 

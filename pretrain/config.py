@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Literal
 
 from samadapt.config import key, required, with_defaults
-from samadapt.keys import DataKeys, ModelKeys, TrainKeys, check_slicing
+from samadapt.keys import AugmentKeys, DataKeys, ModelKeys, TrainKeys, check_slicing
 
 Variant = Literal["drop", "patch_drop", "mask_token"]
 Target = Literal["pixels", "features", "both"]
@@ -15,7 +15,7 @@ Target = Literal["pixels", "features", "both"]
 
 @dataclass(kw_only=True)
 class PretrainConfig(
-    ModelKeys, with_defaults(DataKeys, plane="all"), with_defaults(TrainKeys, lr=1.5e-4, warmup_steps=50)
+    ModelKeys, with_defaults(DataKeys, plane="all"), with_defaults(TrainKeys, lr=1.5e-4, warmup_steps=50), AugmentKeys
 ):
     data: str = required("unlabeled manifest (.jsonl/.csv) or a packaged one such as demo:ssl")
     out: Path = required("output folder (resumes from out/state/ when rerun)")

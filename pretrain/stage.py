@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from samadapt.data import SliceDataset, to_sam_input
+from samadapt.data.device_augment import augment_on_device
 from samadapt.data.manifest import load_manifest, resolve_manifest
 from samadapt.errors import UserError
 from samadapt.keys import preprocessing
@@ -50,7 +51,8 @@ def build_dataset(config: PretrainConfig) -> SliceDataset:
     manifest = resolve_manifest(config.data)
     cases = load_manifest(manifest, split=config.split)
     dataset = SliceDataset(cases, preprocessing(config), cache_dir=config.cache_dir, labeled=False,
-                           skip_empty=config.skip_empty, seed=config.seed)
+                           skip_empty=config.skip_empty, seed=config.seed,
+                           augment=None if config.augment.on_device else config.augment)
     if len(dataset) == 0:
         raise UserError(f"{manifest}: no usable slices (all below skip_empty={config.skip_empty}) — "
                         "check the images or lower skip_empty")
@@ -68,6 +70,12 @@ def build_model(config: PretrainConfig) -> tuple[torch.nn.Module, MaskedAutoenco
                                norm_pix_loss=config.norm_pix_loss, grad_checkpointing=config.grad_checkpointing,
                                target=config.target, feature_weight=config.feature_weight)
     return sam, mae
+
+
+def make_loss_fn(config: PretrainConfig):
+    """``loss_fn(model, batch)`` for :meth:`Trainer.fit`: :func:`masked_image_loss` of the batch augmented on
+    the device (``augment.on_device``; otherwise the DataLoader augmented it)."""
+    return lambda model, batch: masked_image_loss(model, augment_on_device(config.augment, batch))
 
 
 def masked_image_loss(model, batch):
@@ -110,7 +118,7 @@ def run(config: PretrainConfig) -> StageOutput:
     # Only the encoder and the MAE decoder learn; SAM's prompt encoder / mask decoder are exported as loaded.
     groups = param_groups(mae, config.weight_decay, layer_lr_scale(len(sam.image_encoder.blocks), config.layer_decay))
     trainer = Trainer(accelerator, config, config.out)
-    result = trainer.fit(mae, dataset, masked_image_loss, groups=groups, desc="pretrain",
+    result = trainer.fit(mae, dataset, make_loss_fn(config), groups=groups, desc="pretrain",
                          after_step=preview_hook(config, dataset, accelerator))
     accelerator.wait_for_everyone()
     artifacts = {name: PRETRAIN.path(config.out, name) for name in ("sam_checkpoint", "sam_safetensors", "encoder",
