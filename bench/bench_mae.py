@@ -1,4 +1,5 @@
-"""MAE pretraining step time and peak memory: no masking vs token dropping vs mask token (JSON on stdout).
+"""MAE pretraining step time and peak memory: no masking vs token dropping vs mask token, and the step time of
+SimMIM on TinyViT (JSON on stdout).
 
     python bench/bench_mae.py [--quick]                   # every config (step times side by side)
     python bench/bench_mae.py --memory ARCH SIZE VARIANT  # peak RSS of one step, run in a fresh process
@@ -7,9 +8,13 @@ One step = the pretrain stage's ``masked_image_loss`` (forward + loss) + backwar
 :class:`MaskedAutoencoderSAM` on random slices in [0, 1] (batch 2 at 256 px, batch 1 at 1024 px; decoder 256
 wide, 2 blocks). Variants: ``none`` = the full grid without masking
 (``mask_token`` machinery with mask_ratio 0, so every block sees every token), ``drop`` = window-aligned
-token dropping at mask 0.75 (the stage default), ``mask_token`` = SimMIM full grid at mask 0.75. The three
-share one encoder and alternate step by step; peak memory comes from one step of each
-variant in its own fresh interpreter (``VmHWM``, full run only).
+token dropping at mask 0.75 (the stage default), ``patch_drop`` = 16-px patch dropping with the same count in
+every window, ``mask_token`` = SimMIM full grid at mask 0.75. They share one encoder and alternate step by
+step; peak memory comes from one step of each variant in its own fresh interpreter (``VmHWM``, full run only).
+
+``simmim``: the step time of ``variant=simmim`` (:class:`SimMIMTinyViT`, pixel target, mask 0.75)
+on random weights — vit_t_lite (LiteMedSAM's encoder) at 256 px, batch 1 (~30 s a step on 2 CPU cores, so one
+warm-up and one timed step); vit_t at 128 px, batch 2 in ``--quick``.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from common import (
 from samadapt.pretrain.stage import masked_image_loss
 
 MASK_RATIO = 0.75
-VARIANTS = ("none", "drop", "mask_token")
+VARIANTS = ("none", "drop", "patch_drop", "mask_token")
 
 
 def build(arch: str, size: int) -> tuple[dict, torch.optim.Optimizer, torch.Tensor]:
@@ -94,6 +99,23 @@ def timing(arch: str, size: int, steps: int) -> dict:
             "real_tokens_per_window": layout.valid.sum(1).tolist()}
 
 
+def simmim_timing(quick: bool) -> dict:
+    """Median step time of SimMIM on a TinyViT (see the module docstring for the sizes)."""
+    from samadapt.models.registry import build_sam, input_norm
+    from samadapt.pretrain.simmim import SimMIMTinyViT
+
+    arch, size, batch, steps = ("vit_t", 128, 2, 2) if quick else ("vit_t_lite", 256, 1, 1)
+    torch.manual_seed(0)
+    model = SimMIMTinyViT(build_sam(arch, image_size=size).image_encoder, mask_ratio=MASK_RATIO,
+                          input_norm=input_norm(arch)).train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    images = torch.rand(batch, 1, size, size)
+    seconds = median(step_times(lambda: train_step(model, optimizer, images), steps, warmup=1))
+    return {"arch": arch, "image_size": size, "simmim_step_s": round(seconds, 3),
+            "s_per_image": round(seconds / batch, 3), "batch": batch, "steps": steps,
+            "mask_units": model.num_units, "unit_px": model.patch_size, "output_stride": model.stride}
+
+
 def configs(quick: bool) -> list[tuple[str, int, int]]:
     """(arch, image size, timed steps per variant) per encoder."""
     if quick:
@@ -113,12 +135,15 @@ def measure(quick: bool) -> dict:
         step_s = result["step_s"]
         value = step_s["none"] / step_s["drop"]
         result = {"speedup_drop": round(value, 3),
+                  "speedup_patch_drop": round(step_s["none"] / step_s["patch_drop"], 3),
                   "speedup_mask_token": round(step_s["none"] / step_s["mask_token"], 3), **result}
         if not quick:
             result["memory"] = {v: run_json_subprocess("bench_mae.py", "--memory", arch, str(size), v)
                                 for v in VARIANTS}
         detail[f"{arch}_{size}"] = result
     detail["value_from"] = "_".join(map(str, configs(quick)[-1][:2]))
+    gc.collect()
+    detail["simmim"] = simmim_timing(quick)
     return entry(value, ">= 2.5", detail)
 
 

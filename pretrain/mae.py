@@ -68,11 +68,11 @@ from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
 from samadapt.errors import UserError
-from samadapt.pretrain.config import Target, Variant
+from samadapt.pretrain.config import TINY_VIT_VARIANT, Target, Variant
 from samadapt.pretrain.masking import WindowLayout, patch_mask_from_indices
 from samadapt.pretrain.sparse_blocks import global_block, patch_windowed_block, windowed_block
 
-VARIANTS: tuple[str, ...] = get_args(Variant)
+VARIANTS: tuple[str, ...] = tuple(v for v in get_args(Variant) if v != TINY_VIT_VARIANT)  # plain-ViT variants
 TARGETS: tuple[str, ...] = get_args(Target)
 DROPPING = ("drop", "patch_drop")  # variants whose encoder never sees the masked tokens
 
@@ -146,8 +146,8 @@ class MaskedAutoencoderSAM(nn.Module):
         super().__init__()
         if not isinstance(encoder, ImageEncoderViT):
             raise UserError(
-                f"MAE pretraining needs a plain-ViT SAM encoder (vit_b, vit_l, vit_h, vit_tiny), got "
-                f"{type(encoder).__name__} — choose one of those archs"
+                f"variant={variant} needs a plain-ViT SAM encoder (vit_b, vit_l, vit_h, vit_tiny), got "
+                f"{type(encoder).__name__} — TinyViT encoders (vit_t, vit_t_lite) take variant=simmim"
             )
         if variant not in VARIANTS:
             raise UserError(f"variant={variant!r} is not known — choose one of {', '.join(VARIANTS)}")

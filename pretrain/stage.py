@@ -1,6 +1,7 @@
 """``samadapt pretrain``: continue training SAM's own image encoder with masked image modelling.
 
-Data (unlabeled slices) → :class:`MaskedAutoencoderSAM` around ``sam.image_encoder`` → the shared
+Data (unlabeled slices) → :class:`MaskedAutoencoderSAM` (TinyViT: :class:`SimMIMTinyViT`) around
+``sam.image_encoder`` → the shared
 :class:`~samadapt.training.Trainer` → export. The encoder is trained in place, so the export is SAM's
 state dict with the new encoder and the input checkpoint's prompt encoder and mask decoder.
 
@@ -23,9 +24,12 @@ from samadapt.data.manifest import load_manifest, resolve_manifest
 from samadapt.errors import UserError
 from samadapt.keys import preprocessing
 from samadapt.models.checkpoints import load_sam, save_safetensors, save_sam_checkpoint, save_sam_safetensors
-from samadapt.pretrain.config import PretrainConfig
+from samadapt.models.pretrained import resolve_checkpoint
+from samadapt.models.registry import input_norm
+from samadapt.pretrain.config import TINY_VIT_VARIANT, PretrainConfig
 from samadapt.pretrain.mae import MaskedAutoencoderSAM
 from samadapt.pretrain.preview import write_preview
+from samadapt.pretrain.simmim import SimMIMTinyViT
 from samadapt.stage_record import StageOutput, begin_stage, finish_stage
 from samadapt.stages import STAGES
 from samadapt.training import Trainer, make_accelerator, param_groups
@@ -59,12 +63,15 @@ def build_dataset(config: PretrainConfig) -> SliceDataset:
     return dataset
 
 
-def build_model(config: PretrainConfig) -> tuple[torch.nn.Module, MaskedAutoencoderSAM]:
-    """The SAM to continue (its encoder is trained in place) and the MAE around its image encoder."""
+def build_model(config: PretrainConfig) -> tuple[torch.nn.Module, MaskedAutoencoderSAM | SimMIMTinyViT]:
+    """The SAM to continue (its encoder is trained in place) and the masked model around its image encoder:
+    SimMIM for TinyViT (variant=simmim, which the config settles for those archs), else the MAE."""
     torch.manual_seed(config.seed)  # checkpoint=none: the same random SAM as a finetune with this seed
     sam = load_sam(config.arch, config.checkpoint, image_size=config.image_size)
-    if not hasattr(sam.image_encoder, "blocks") or config.arch == "vit_t":
-        raise UserError(f"arch={config.arch}: MAE pretraining needs a plain-ViT encoder (vit_b/l/h/tiny)")
+    if config.variant == TINY_VIT_VARIANT:
+        return sam, SimMIMTinyViT(sam.image_encoder, mask_ratio=config.mask_ratio, input_norm=input_norm(config.arch),
+                                  norm_pix_loss=config.norm_pix_loss, grad_checkpointing=config.grad_checkpointing,
+                                  target=config.target, feature_weight=config.feature_weight)
     mae = MaskedAutoencoderSAM(sam.image_encoder, mask_ratio=config.mask_ratio, decoder_dim=config.decoder_dim,
                                decoder_depth=config.decoder_depth, variant=config.variant,
                                norm_pix_loss=config.norm_pix_loss, grad_checkpointing=config.grad_checkpointing,
@@ -111,12 +118,14 @@ def export(sam, config: PretrainConfig, artifacts: dict[str, Path]) -> None:
 
 
 def run(config: PretrainConfig) -> StageOutput:
-    stage_run = begin_stage("pretrain", config, data=resolve_manifest(config.data), checkpoint=config.checkpoint)
+    stage_run = begin_stage("pretrain", config, data=resolve_manifest(config.data),
+                            checkpoint=resolve_checkpoint(config.checkpoint))
     accelerator = make_accelerator(config)
     dataset = build_dataset(config)
     sam, mae = build_model(config)
     # Only the encoder and the MAE decoder learn; SAM's prompt encoder / mask decoder are exported as loaded.
-    groups = param_groups(mae, config.weight_decay, layer_lr_scale(len(sam.image_encoder.blocks), config.layer_decay))
+    depth = len(sam.image_encoder.blocks) if config.variant != TINY_VIT_VARIANT else 0  # TinyViT: layer_decay=1
+    groups = param_groups(mae, config.weight_decay, layer_lr_scale(depth, config.layer_decay))
     trainer = Trainer(accelerator, config, config.out)
     result = trainer.fit(mae, dataset, make_loss_fn(config), groups=groups, desc="pretrain",
                          after_step=preview_hook(config, dataset, accelerator))
