@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
+from samadapt.keys import TINY_VIT_ARCHS
+
 PEAK_BF16_TFLOPS = {"A100": 312.0, "H100 SXM": 989.0}  # dense, no sparsity: the vendors' data sheets
 ESTIMATE_GPU = "A100"
 ESTIMATE_MFU = 0.35  # a realistic fraction of peak for ViT fine-tuning in bf16 (bench/gpu.py measures it)
@@ -60,7 +62,6 @@ def _conv_backward_flop(grad_out_shape, x_shape, w_shape, _bias, _stride, _paddi
 def strategy_model(arch: str, image_size: int, num_classes: int, prompt: str, encoder: str, decoder: str,
                    lora: Any, adapter: Any, grad_checkpointing: bool = False):
     """The fine-tune stage's model (``finetune.stage.build_model`` for checkpoint=none) on the meta device."""
-    from samadapt.models.registry import TINY_VIT_ARCHS
     from samadapt.models.segmenter import SamSegmenter
     from samadapt.models.strategies import apply_strategy
 
@@ -73,7 +74,6 @@ def strategy_model(arch: str, image_size: int, num_classes: int, prompt: str, en
 def _base_sam(arch: str, image_size: int):
     """A random ``Sam`` to copy: the strategy grid's cells share it (building TinyViT takes seconds)."""
     from samadapt.models.checkpoints import load_sam
-    from samadapt.models.registry import TINY_VIT_ARCHS
 
     # TinyViT's constructor reads values back (``.item()``), which meta tensors cannot: its 10 M parameters are
     # built on the CPU (moved to meta with the strategy); the plain ViTs (up to 640 M) are never initialised.

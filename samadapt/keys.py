@@ -21,6 +21,8 @@ from samadapt.errors import UserError
 # vit_t_lite: LiteMedSAM's TinyViT (MobileSAM's encoder with a 1 x 1, stride-1 stem: 256 px in, 64 x 64 grid out).
 Arch = Literal["vit_b", "vit_l", "vit_h", "vit_t", "vit_t_lite", "vit_tiny"]
 ARCHS: tuple[str, ...] = get_args(Arch)
+# MobileSAM's hierarchical TinyViT encoders (conv stages, BatchNorm): the others are segment_anything's plain ViT.
+TINY_VIT_ARCHS: tuple[str, ...] = ("vit_t", "vit_t_lite")
 # Archs whose encoder runs at one input size only (px): the stride-1 stem makes every other size a new model.
 FIXED_IMAGE_SIZE: dict[str, int] = {"vit_t_lite": 256}
 PromptMode = Literal["none", "box", "point"]

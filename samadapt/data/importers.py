@@ -20,10 +20,10 @@ import json
 import random
 from pathlib import Path
 
+from samadapt.data.dicom import dicom_series
 from samadapt.data.formats import VOLUME_SUFFIXES, volume_stem
 from samadapt.data.manifest import check_manifest_out, label_mapping, read_text, write_manifest
 from samadapt.data.normalise import require_modality
-from samadapt.data.readers import dicom_series
 from samadapt.errors import UserError
 from samadapt.io import write_json
 

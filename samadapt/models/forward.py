@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import torch
 from segment_anything.modeling import ImageEncoderViT
-from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.checkpoint import checkpoint
 
 
@@ -55,24 +51,7 @@ def _tiny_vit_recomputed(encoder: torch.nn.Module, images: torch.Tensor) -> torc
 
 
 def _checkpointed(block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``block(x)`` with its activations recomputed in backward; the recomputation leaves BatchNorm running
-    statistics as it found them."""
-    return checkpoint(block, x, use_reentrant=False,
-                      context_fn=lambda: (contextlib.nullcontext(), _norm_statistics_kept(block)))
-
-
-@contextlib.contextmanager
-def _norm_statistics_kept(module: torch.nn.Module) -> Iterator[None]:
-    """Restore the running statistics of ``module``'s BatchNorm layers on exit.
-
-    TinyViT's ``Conv2d_BN`` layers update their running mean/var at every training-mode forward: without
-    this the recomputation would count each batch twice, and a checkpointed run would validate (eval mode)
-    with other statistics than the same run without checkpointing."""
-    buffers = [b for m in module.modules() if isinstance(m, _BatchNorm) for b in m.buffers()]
-    saved = [b.clone() for b in buffers]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for buffer, value in zip(buffers, saved):
-                buffer.copy_(value)
+    """``block(x)`` with its activations recomputed in backward. TinyViT's BatchNorm layers are in eval mode
+    wherever this runs (``SamSegmenter.train``, SimMIM): in training mode the recomputation would count each
+    batch in their running statistics twice."""
+    return checkpoint(block, x, use_reentrant=False)

@@ -10,6 +10,7 @@ sizes by :mod:`samadapt.models.resize` when :mod:`samadapt.models.checkpoints` l
 
 from __future__ import annotations
 
+import types
 import warnings
 from dataclasses import dataclass
 from functools import cache, partial
@@ -18,7 +19,7 @@ import torch
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
 from samadapt.errors import UserError
-from samadapt.keys import ARCHS, FIXED_IMAGE_SIZE
+from samadapt.keys import ARCHS, FIXED_IMAGE_SIZE, TINY_VIT_ARCHS
 from samadapt.models.attention import use_chunked_global_attention
 from samadapt.models.normalisation import SAM_PIXEL_MEAN, SAM_PIXEL_STD
 
@@ -28,7 +29,6 @@ PROMPT_EMBED_DIM = 256
 ENCODER_STRIDE = {"vit_t_lite": 4}
 # What each image encoder was trained to see (see samadapt.models.normalisation); every other arch: "sam".
 INPUT_NORM = {"vit_t_lite": "minmax"}
-TINY_VIT_ARCHS = ("vit_t", "vit_t_lite")
 
 
 @dataclass(frozen=True)
@@ -111,21 +111,26 @@ def _tiny_vit_kwargs(image_size: int) -> dict:
 
 
 @cache
-def _tiny_vit_class() -> type:
-    """mobile_sam's TinyViT, with the output grid taken from the input size instead of a fixed 64 x 64.
-
-    Upstream ``TinyViT.forward_features`` reshapes its tokens with ``view(B, 64, 64, C)``, so it only runs
-    at 1024 px. Nothing else in it depends on the input size (no absolute position embedding; attention
-    biases are per window), so the same weights work at 256/512 px once the reshape uses the real grid.
-    Imported lazily: mobile_sam pulls in timm."""
+def tiny_vit_module() -> types.ModuleType:
+    """``mobile_sam.modeling.tiny_vit_sam`` (TinyViT and its parts), imported lazily: mobile_sam pulls in timm."""
     with warnings.catch_warnings():
         # mobile_sam imports timm's deprecated module paths and re-registers timm model names: noise a
         # user cannot act on.
         warnings.simplefilter("ignore", FutureWarning)
         warnings.simplefilter("ignore", UserWarning)
-        from mobile_sam.modeling.tiny_vit_sam import TinyViT
+        from mobile_sam.modeling import tiny_vit_sam
+    return tiny_vit_sam
 
-    class TinyViTAnySize(TinyViT):
+
+@cache
+def _tiny_vit_class() -> type:
+    """mobile_sam's TinyViT, with the output grid taken from the input size instead of a fixed 64 x 64.
+
+    Upstream ``TinyViT.forward_features`` reshapes its tokens with ``view(B, 64, 64, C)``, so it only runs
+    at 1024 px. Nothing else in it depends on the input size (no absolute position embedding; attention
+    biases are per window), so the same weights work at 256/512 px once the reshape uses the real grid."""
+
+    class TinyViTAnySize(tiny_vit_module().TinyViT):
         def forward_features(self, x: torch.Tensor) -> torch.Tensor:
             """x: B x 3 x S x S, pixel-normalised → B x 256 x S/16 x S/16."""
             x = self.patch_embed(x)
@@ -149,8 +154,7 @@ def _lite_tiny_vit_class() -> type:
     the patch mergings bring 256 px to a 64 x 64 grid), and there is no classifier head (``norm_head``,
     ``head``), which LiteMedSAM's checkpoint does not hold. Keys and shapes are those of ``lite_medsam.pth``.
     """
-    base = _tiny_vit_class()
-    from mobile_sam.modeling.tiny_vit_sam import Conv2d_BN  # imported (and its warnings muted) by base
+    base, Conv2d_BN = _tiny_vit_class(), tiny_vit_module().Conv2d_BN
 
     class LiteMedSAMTinyViT(base):
         def __init__(self, img_size: int, **kwargs) -> None:
