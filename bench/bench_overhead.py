@@ -4,7 +4,7 @@
 
 The *stage loop* is :meth:`samadapt.training.Trainer.fit` exactly as the stage calls it: the stage's model
 (finetune: ``build_model``, vit_tiny 256, encoder=lora decoder=full prompt=none; pretrain:
-``MaskedAutoencoderSAM``, variant drop, mask 0.75), its dataset (slice cache, weighted sampler), its
+``MaskedAutoencoderSAM``, the default variant, mask 0.75), its dataset (slice cache, weighted sampler), its
 parameter groups and loss (with the default augmentation: batched, on the device), ``max_grad_norm`` and
 logging at their defaults, batch 4. Its
 step time comes from the ``images_per_s`` the Trainer logs per window of ``log_every`` steps (the first
@@ -30,6 +30,8 @@ from pathlib import Path
 import torch
 from common import entry, median, print_json, set_threads, step_times
 from torch.utils.data import default_collate
+
+from samadapt.pretrain.config import DEFAULT_VARIANT
 
 BATCH = 4
 
@@ -153,7 +155,7 @@ def measure(stage: str, quick: bool) -> dict:
         dataset = default["dataset"]
         detail = {
             "model": "vit_tiny 256 " + ("encoder=lora decoder=full prompt=none" if stage == "finetune"
-                                        else "MAE variant=drop mask_ratio=0.75"),
+                                        else f"MAE variant={DEFAULT_VARIANT} mask_ratio=0.75"),
             "batch": BATCH, "augmentation": "on the device (augment.on_device=true)", "num_workers": 0,
             **rounded(default),
             "batch_loading_ms": round(batch_loading_ms(dataset, 5 if quick else 20), 1),

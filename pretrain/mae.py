@@ -68,7 +68,7 @@ from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
 from samadapt.errors import UserError
-from samadapt.pretrain.config import TINY_VIT_VARIANT, Target, Variant
+from samadapt.pretrain.config import DEFAULT_VARIANT, TINY_VIT_VARIANT, Target, Variant
 from samadapt.pretrain.masking import WindowLayout, patch_mask_from_indices
 from samadapt.pretrain.sparse_blocks import global_block, patch_windowed_block, windowed_block
 
@@ -114,7 +114,42 @@ def feature_loss(pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
     return (per_token * mask).sum() / mask.sum().clamp(min=1)
 
 
-class MaskedAutoencoderSAM(nn.Module):
+class MaskedObjective(nn.Module):
+    """What every masked-image objective here shares: the encoder it trains in place (``self.encoder``), the mask
+    ratio, the loss target and, for a feature target, the frozen starting encoder (``self.teacher``).
+
+    Args: see :class:`MaskedAutoencoderSAM`; subclasses check the encoder's type before calling this.
+    """
+
+    def __init__(self, encoder: nn.Module, mask_ratio: float, norm_pix_loss: bool, grad_checkpointing: bool,
+                 target: str, feature_weight: float) -> None:
+        super().__init__()
+        if target not in TARGETS:
+            raise UserError(f"target={target!r} is not known — choose one of {', '.join(TARGETS)}")
+        if not 0 <= mask_ratio < 1:
+            raise UserError(f"mask_ratio={mask_ratio} must be in [0, 1), e.g. 0.75")
+        self.encoder = encoder
+        self.mask_ratio = mask_ratio
+        self.norm_pix_loss = norm_pix_loss
+        self.grad_checkpointing = grad_checkpointing
+        self.target = target
+        self.feature_weight = feature_weight
+        if target != "pixels":
+            # The starting encoder, frozen: its features are the knowledge to keep (never trained, not exported).
+            self.teacher = copy.deepcopy(encoder).requires_grad_(False).eval()
+
+    @torch.no_grad()
+    def teacher_features(self, images: Tensor) -> Tensor:
+        """The frozen starting encoder on the full encoder inputs (B x 3 x S x S) → B x N x D (D = neck channels)."""
+        return self.teacher(images).flatten(2).transpose(1, 2)
+
+    def total_loss(self, parts: dict[str, Tensor]) -> Tensor:
+        """The weighted sum of the per-target losses ``parts`` (``feature_weight`` scales features for "both")."""
+        weights = {"pixels": 1.0, "features": self.feature_weight if self.target == "both" else 1.0}
+        return sum(weights[name] * loss for name, loss in parts.items())
+
+
+class MaskedAutoencoderSAM(MaskedObjective):
     """MAE/SimMIM around a segment_anything ``ImageEncoderViT`` (kept as ``self.encoder``, trained in place).
 
     Args:
@@ -137,13 +172,12 @@ class MaskedAutoencoderSAM(nn.Module):
         decoder_dim: int = 256,
         decoder_depth: int = 2,
         decoder_heads: int = 8,
-        variant: str = "drop",
+        variant: str = DEFAULT_VARIANT,
         norm_pix_loss: bool = True,
         grad_checkpointing: bool = False,
         target: str = "pixels",
         feature_weight: float = 1.0,
     ) -> None:
-        super().__init__()
         if not isinstance(encoder, ImageEncoderViT):
             raise UserError(
                 f"variant={variant} needs a plain-ViT SAM encoder (vit_b, vit_l, vit_h, vit_tiny), got "
@@ -151,17 +185,8 @@ class MaskedAutoencoderSAM(nn.Module):
             )
         if variant not in VARIANTS:
             raise UserError(f"variant={variant!r} is not known — choose one of {', '.join(VARIANTS)}")
-        if target not in TARGETS:
-            raise UserError(f"target={target!r} is not known — choose one of {', '.join(TARGETS)}")
-        if not 0 <= mask_ratio < 1:
-            raise UserError(f"mask_ratio={mask_ratio} must be in [0, 1), e.g. 0.75")
-        self.encoder = encoder
-        self.mask_ratio = mask_ratio
+        super().__init__(encoder, mask_ratio, norm_pix_loss, grad_checkpointing, target, feature_weight)
         self.variant = variant
-        self.norm_pix_loss = norm_pix_loss
-        self.grad_checkpointing = grad_checkpointing
-        self.target = target
-        self.feature_weight = feature_weight
         self.patch_size = encoder.patch_embed.proj.kernel_size[0]
         self.image_size = encoder.img_size
         self.grid_size = self.image_size // self.patch_size
@@ -178,9 +203,6 @@ class MaskedAutoencoderSAM(nn.Module):
         else:
             self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
             nn.init.normal_(self.mask_token, std=0.02)
-        if target != "pixels":
-            # The starting encoder, frozen: its features are the knowledge to keep (never trained, not exported).
-            self.teacher = copy.deepcopy(encoder).requires_grad_(False).eval()
 
         # SAM's blocks end without a norm (the neck has it), so the decoder normalises its input itself.
         self.decoder_embed = nn.Sequential(nn.LayerNorm(embed_dim, eps=1e-6), nn.Linear(embed_dim, decoder_dim))
@@ -217,13 +239,7 @@ class MaskedAutoencoderSAM(nn.Module):
             parts["pixels"] = mae_loss(pred, images, mask, self.patch_size, self.norm_pix_loss)
         if "features" in self.heads:
             parts["features"] = feature_loss(self.heads["features"](decoded), self.teacher_features(images), mask)
-        weights = {"pixels": 1.0, "features": self.feature_weight if self.target == "both" else 1.0}
-        return MAEOutput(sum(weights[name] * loss for name, loss in parts.items()), pred, mask, parts)
-
-    @torch.no_grad()
-    def teacher_features(self, images: Tensor) -> Tensor:
-        """The frozen starting encoder on the full images (B x 3 x S x S) → B x N x D (D = neck channels)."""
-        return self.teacher(images).flatten(2).transpose(1, 2)
+        return MAEOutput(self.total_loss(parts), pred, mask, parts)
 
     def encode(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """Draw a mask and run the encoder's blocks.

@@ -29,9 +29,6 @@ inference normalise with. The neck is neither run nor trained (as for MAE); the 
 
 from __future__ import annotations
 
-import copy
-import warnings
-
 import torch
 from lightly.models.utils import normalize_mean_var, patchify, random_token_mask
 from torch import Tensor, nn
@@ -39,8 +36,9 @@ from torch.utils.checkpoint import checkpoint
 
 from samadapt.errors import UserError
 from samadapt.models.normalisation import SAM_PIXEL_MEAN, SAM_PIXEL_STD, to_model_input
+from samadapt.models.registry import tiny_vit_module
 from samadapt.pretrain.config import Target
-from samadapt.pretrain.mae import MAEOutput, MaskedAutoencoderSAM, feature_loss
+from samadapt.pretrain.mae import MAEOutput, MaskedAutoencoderSAM, MaskedObjective, feature_loss
 from samadapt.pretrain.masking import patch_mask_from_indices
 
 MASK_UNIT_PX = 16
@@ -59,15 +57,7 @@ def l1_loss(pred: Tensor, target: Tensor, mask: Tensor, norm_pix_loss: bool) -> 
     return (per_unit * mask).sum() / mask.sum().clamp(min=1)
 
 
-def _tiny_vit_class() -> type:
-    with warnings.catch_warnings():  # timm's deprecation noise, muted as in samadapt.models.registry
-        warnings.simplefilter("ignore", FutureWarning)
-        warnings.simplefilter("ignore", UserWarning)
-        from mobile_sam.modeling.tiny_vit_sam import TinyViT
-    return TinyViT
-
-
-class SimMIMTinyViT(nn.Module):
+class SimMIMTinyViT(MaskedObjective):
     """SimMIM around a mobile_sam ``TinyViT`` image encoder (kept as ``self.encoder``, trained in place).
 
     Args:
@@ -91,19 +81,11 @@ class SimMIMTinyViT(nn.Module):
         target: Target = "pixels",
         feature_weight: float = 1.0,
     ) -> None:
-        super().__init__()
-        if not isinstance(encoder, _tiny_vit_class()):
+        if not isinstance(encoder, tiny_vit_module().TinyViT):
             raise UserError(f"variant=simmim needs a TinyViT encoder (vit_t, vit_t_lite), got {type(encoder).__name__}"
                             " — choose one of those archs or another variant")
-        if not 0 <= mask_ratio < 1:
-            raise UserError(f"mask_ratio={mask_ratio} must be in [0, 1), e.g. 0.75")
-        self.encoder = encoder
-        self.mask_ratio = mask_ratio
+        super().__init__(encoder, mask_ratio, norm_pix_loss, grad_checkpointing, target, feature_weight)
         self.input_norm = input_norm
-        self.norm_pix_loss = norm_pix_loss
-        self.grad_checkpointing = grad_checkpointing
-        self.target = target
-        self.feature_weight = feature_weight
         self.image_size = encoder.img_size
         self.stem_grid = encoder.patch_embed.patches_resolution[0]
         self.grid_size = encoder.layers[-1].input_resolution[0]
@@ -121,9 +103,6 @@ class SimMIMTinyViT(nn.Module):
         heads = {"pixels": nn.Sequential(nn.Conv2d(final_dim, self.stride**2 * 3, 1), nn.PixelShuffle(self.stride)),
                  "features": nn.Conv2d(final_dim, encoder.neck[0].out_channels, 1)}
         self.heads = nn.ModuleDict({name: head for name, head in heads.items() if target in (name, "both")})
-        if target != "pixels":
-            # The starting encoder, frozen: its features are the knowledge to keep (never trained, not exported).
-            self.teacher = copy.deepcopy(encoder).requires_grad_(False).eval()
 
     def train(self, mode: bool = True) -> SimMIMTinyViT:
         """As ``nn.Module.train``, but BatchNorm layers and the teacher stay in eval mode (see module doc)."""
@@ -171,13 +150,7 @@ class SimMIMTinyViT(nn.Module):
             cell_mask = self.unit_mask_grid(mask, self.grid_size).flatten(1)  # B x N final cells
             predicted = self.heads["features"](features).flatten(2).transpose(1, 2)
             parts["features"] = feature_loss(predicted, self.teacher_features(x), cell_mask)
-        weights = {"pixels": 1.0, "features": self.feature_weight if self.target == "both" else 1.0}
-        return MAEOutput(sum(weights[name] * loss for name, loss in parts.items()), pred, mask, parts)
-
-    @torch.no_grad()
-    def teacher_features(self, x: Tensor) -> Tensor:
-        """The frozen starting encoder on the full inputs (B x 3 x S x S) → B x N x D (D = neck channels)."""
-        return self.teacher(x).flatten(2).transpose(1, 2)
+        return MAEOutput(self.total_loss(parts), pred, mask, parts)
 
     def encode(self, x: Tensor, mask: Tensor) -> Tensor:
         """Encoder inputs B x 3 x S x S and unit mask B x U → the last stage's output, normalised,
