@@ -21,6 +21,7 @@ import torch
 
 from samadapt.data import VolumeSlices
 from samadapt.io import atomic_path, sha256_file
+from samadapt.models.fast_inference import fast_encoder
 
 
 def encoder_fingerprint(encoder: torch.nn.Module) -> str:
@@ -67,11 +68,12 @@ class EmbeddingStore:
 def encode_slices(model, slices: VolumeSlices, indices: list[int], batch_size: int,
                   device: torch.device | str) -> dict[int, torch.Tensor]:
     """``{slice: 256 x g x g float32 embedding on the CPU}`` of ``model``'s encoder (a SamSegmenter's ``embed``)
-    for the slices ``indices``, in batches of ``batch_size``."""
+    for the slices ``indices``, in batches of ``batch_size`` (a TinyViT encoder on the CPU runs as its fast copy,
+    :mod:`samadapt.models.fast_inference`: same masks)."""
     encoded: dict[int, torch.Tensor] = {}
     for start in range(0, len(indices), batch_size):
         batch = indices[start:start + batch_size]
         images = torch.from_numpy(np.concatenate([slices.image_slices(i, i + 1) for i in batch]))[:, None]
-        with torch.no_grad():
+        with torch.no_grad(), fast_encoder(model):
             encoded.update(zip(batch, model.embed(images.to(device)).float().cpu()))
     return encoded

@@ -17,6 +17,7 @@ from samadapt.embedding_store import EmbeddingStore
 from samadapt.errors import UserError
 from samadapt.keys import PromptKeys, preprocessing
 from samadapt.models.checkpoints import load_sam
+from samadapt.models.fast_inference import fast_encoder
 from samadapt.models.finetuned import load_finetune_output
 from samadapt.models.pretrained import resolve_checkpoint
 from samadapt.models.prompts import prompts_from_labels
@@ -69,7 +70,14 @@ def predict_slices(model, slices: VolumeSlices, batch_size: int, prompts: Prompt
 
     Returns uint8 labels N x S x S, or with ``probabilities`` float16 N x K x S x S class probabilities.
     Prompted modes derive prompts from ``slices``' reference labels (evaluation only). ``store``: take and keep
-    the image embeddings there (:mod:`samadapt.embedding_store`; prompted modes encode prompted slices only)."""
+    the image embeddings there (:mod:`samadapt.embedding_store`; prompted modes encode prompted slices only).
+    On the CPU a TinyViT encoder runs as its fast copy (:mod:`samadapt.models.fast_inference`; same masks)."""
+    with fast_encoder(model):
+        return _predict_slices(model, slices, batch_size, prompts, device, probabilities, store)
+
+
+def _predict_slices(model, slices: VolumeSlices, batch_size: int, prompts: PromptSettings,
+                    device: torch.device | str, probabilities: bool, store: EmbeddingStore | None) -> np.ndarray:
     if prompts.mode == "box" and prompts.volume_box and not probabilities:
         labels = slices.labels
         if labels is None:
