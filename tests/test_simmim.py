@@ -100,7 +100,7 @@ def test_variant_rules_of_the_config(tmp_path):
     assert parse_config(PretrainConfig, None, [*keys, "checkpoint=litemedsam"]).variant == "simmim"
     assert parse_config(PretrainConfig, None, [*keys, "arch=vit_t", "image_size=256"]).variant == "simmim"
     assert parse_config(PretrainConfig, None, [*keys, "arch=vit_b"]).variant != "simmim"
-    for extra, fragment in ((["arch=vit_t", "variant=patch_drop"], "set variant=simmim"),
+    for extra, fragment in ((["arch=vit_t", "variant=drop"], "set variant=simmim"),
                             (["arch=vit_tiny", "variant=simmim"], "variant=mask_token"),
                             (["arch=vit_t", "layer_decay=0.75"], "layer_decay=1")):
         result = run_cli("pretrain", *keys, *extra, expect=None)
