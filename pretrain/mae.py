@@ -143,6 +143,12 @@ class MaskedObjective(nn.Module):
         """The frozen starting encoder on the full encoder inputs (B x 3 x S x S) → B x N x D (D = neck channels)."""
         return self.teacher(images).flatten(2).transpose(1, 2)
 
+    def _run(self, function, *args):
+        """``function(*args)``, recomputed in backward instead of stored when ``grad_checkpointing`` is on."""
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(function, *args, use_reentrant=False)
+        return function(*args)
+
     def total_loss(self, parts: dict[str, Tensor]) -> Tensor:
         """The weighted sum of the per-target losses ``parts`` (``feature_weight`` scales features for "both")."""
         weights = {"pixels": 1.0, "features": self.feature_weight if self.target == "both" else 1.0}
@@ -323,11 +329,6 @@ class MaskedAutoencoderSAM(MaskedObjective):
         grid = set_at_index(x.new_zeros(batch, self.num_patches + 1, channels), flat, kept.flatten(1, 2))
         mask = torch.ones(batch, self.num_patches + 1, device=device).scatter(1, flat, 0.0)
         return grid[:, :-1], mask[:, :-1]
-
-    def _run(self, function, *args):
-        if self.grad_checkpointing and torch.is_grad_enabled():
-            return checkpoint(function, *args, use_reentrant=False)
-        return function(*args)
 
     @torch.no_grad()
     def reconstruct(self, images: Tensor, output: MAEOutput) -> tuple[Tensor, Tensor | None]:

@@ -32,7 +32,6 @@ from __future__ import annotations
 import torch
 from lightly.models.utils import normalize_mean_var, patchify, random_token_mask
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from samadapt.errors import UserError
 from samadapt.models.normalisation import SAM_PIXEL_MEAN, SAM_PIXEL_STD, to_model_input
@@ -168,11 +167,6 @@ class SimMIMTinyViT(MaskedObjective):
                 tokens = self._run(layer.downsample, tokens)
         tokens = self.head_norm(tokens)  # B x N x C
         return tokens.transpose(1, 2).reshape(tokens.shape[0], -1, self.grid_size, self.grid_size)
-
-    def _run(self, function, *args):
-        if self.grad_checkpointing and torch.is_grad_enabled():
-            return checkpoint(function, *args, use_reentrant=False)
-        return function(*args)
 
     @torch.no_grad()
     def reconstruct(self, images: Tensor, output: MAEOutput) -> tuple[Tensor, Tensor | None]:
