@@ -63,15 +63,15 @@ def pretrain_setup(out: Path, augment: str = "device"):
     """The same for ``samadapt pretrain`` (its ``build_dataset``, ``build_model``: MAE around vit_tiny's encoder,
     ``make_loss_fn``; the bare loop: ``masked_image_loss``, unaugmented) with the stage's layer-wise lr groups."""
     from samadapt.pretrain.config import PretrainConfig
-    from samadapt.pretrain.stage import build_dataset, build_model, layer_lr_scale, make_loss_fn, masked_image_loss
-    from samadapt.training import param_groups
+    from samadapt.pretrain.stage import build_dataset, build_model, make_loss_fn, masked_image_loss
+    from samadapt.training import layer_lr_scale, param_groups
 
     config = PretrainConfig(data="demo:ssl", out=out, arch="vit_tiny", image_size=256, batch_size=BATCH,
                             save_every=10**9, resume=False, preview_every=0)
     config = replace(config, augment=replace(config.augment, on_device=augment != "cpu"))
     dataset = build_dataset(config)  # on_device: the slices as cached, unaugmented
-    sam, model = build_model(config)
-    groups = param_groups(model, config.weight_decay, layer_lr_scale(len(sam.image_encoder.blocks), config.layer_decay))
+    _, model = build_model(config)
+    groups = param_groups(model, config.weight_decay, layer_lr_scale(model, config.layer_decay))
     stage_loss = masked_image_loss if augment == "none" else make_loss_fn(config)
     return config, model, dataset, None, stage_loss, masked_image_loss, groups
 

@@ -7,12 +7,20 @@ from pathlib import Path
 
 from samadapt.config import key, required
 from samadapt.data.splits import check_split_keys
-from samadapt.keys import DataKeys, PromptKeys, SegmenterKeys, TrainKeys, check_slicing
+from samadapt.keys import (
+    DataKeys,
+    LayerDecayKeys,
+    PromptKeys,
+    SegmenterKeys,
+    TrainKeys,
+    check_layer_decay,
+    check_slicing,
+)
 from samadapt.supervised import SupervisedKeys
 
 
 @dataclass(kw_only=True)
-class FinetuneConfig(SegmenterKeys, SupervisedKeys, DataKeys, TrainKeys, PromptKeys):
+class FinetuneConfig(SegmenterKeys, SupervisedKeys, DataKeys, TrainKeys, LayerDecayKeys, PromptKeys):
     data: str = required("labeled manifest (.jsonl/.csv) or a packaged one such as demo:brain")
     out: Path = required("output folder (resumes from out/state/ when rerun)")
     class_weights: str | None = key(None, "comma list of K loss weights, background first (softmax only)")
@@ -25,6 +33,7 @@ class FinetuneConfig(SegmenterKeys, SupervisedKeys, DataKeys, TrainKeys, PromptK
     def __post_init__(self) -> None:
         check_slicing(self, one_plane=True)
         check_split_keys(self)
+        check_layer_decay(self)
         if self.class_weights is not None:
             weights = self.class_weights.split(",")
             if len(weights) != self.num_classes:

@@ -36,7 +36,7 @@ from samadapt.supervised import (
     steps_per_epoch,
     validation_hook,
 )
-from samadapt.training import Trainer, make_accelerator
+from samadapt.training import Trainer, layer_lr_scale, make_accelerator, param_groups
 
 FINETUNE = STAGES["finetune"]
 
@@ -126,7 +126,8 @@ def run(config: FinetuneConfig) -> StageOutput:
     every = config.val_every or steps_per_epoch(dataset, config, accelerator)
 
     trainer = Trainer(accelerator, config, out)
-    result = trainer.fit(model, dataset, loss_fn, sample_weights=slices.sample_weights(),
+    groups = param_groups(model, config.weight_decay, layer_lr_scale(model, config.layer_decay))
+    result = trainer.fit(model, dataset, loss_fn, groups=groups, sample_weights=slices.sample_weights(),
                          after_step=validation_hook(validator, every, config.steps),
                          stateful={"validator": validator} if validator else None, desc="finetune")
     accelerator.wait_for_everyone()

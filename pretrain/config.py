@@ -7,7 +7,16 @@ from pathlib import Path
 from typing import Literal
 
 from samadapt.config import key, required, with_defaults
-from samadapt.keys import TINY_VIT_ARCHS, AugmentKeys, DataKeys, ModelKeys, TrainKeys, check_slicing
+from samadapt.keys import (
+    TINY_VIT_ARCHS,
+    AugmentKeys,
+    DataKeys,
+    LayerDecayKeys,
+    ModelKeys,
+    TrainKeys,
+    check_layer_decay,
+    check_slicing,
+)
 
 Variant = Literal["drop", "patch_drop", "mask_token", "simmim"]
 # The one variant for SAM's hierarchical TinyViT encoders (pretrain/simmim.py); the others are plain-ViT only.
@@ -21,7 +30,8 @@ Target = Literal["pixels", "features", "both"]
 
 @dataclass(kw_only=True)
 class PretrainConfig(
-    ModelKeys, with_defaults(DataKeys, plane="all"), with_defaults(TrainKeys, lr=1.5e-4, warmup_steps=50), AugmentKeys
+    ModelKeys, with_defaults(DataKeys, plane="all"), with_defaults(TrainKeys, lr=1.5e-4, warmup_steps=50),
+    LayerDecayKeys, AugmentKeys,
 ):
     data: str = required("unlabeled manifest (.jsonl/.csv) or a packaged one such as demo:ssl")
     out: Path = required("output folder (resumes from out/state/ when rerun)")
@@ -41,7 +51,6 @@ class PretrainConfig(
     decoder_dim: int = key(256, "width of the light MAE decoder (discarded at export)", bounds="[8, 4096]")
     decoder_depth: int = key(2, "transformer blocks in the MAE decoder", bounds="[1, 64]")
     norm_pix_loss: bool = key(True, "normalise each target patch by its mean and std (MAE)")
-    layer_decay: float = key(1.0, "layer-wise lr decay for encoder blocks (1.0 = none, 0.75 typical)", bounds="(0, 1]")
     skip_empty: float = key(0.05, "skip slices whose foreground fraction is below this (0 = keep all)", bounds="[0, 1)")
     preview_every: int = key(
         100, "steps between reconstruction previews in out/previews/ (0 = never)", bounds="[0, inf)"
@@ -53,6 +62,7 @@ class PretrainConfig(
             raise ValueError(f"target={self.target} keeps the features of the starting encoder, but checkpoint=none "
                              "starts from random weights — give checkpoint= or use target=pixels")
         self._settle_variant()
+        check_layer_decay(self)
 
     def _settle_variant(self) -> None:
         """TinyViT archs take variant=simmim (set while variant has its default, as resolve_model_keys sets arch):
@@ -66,6 +76,3 @@ class PretrainConfig(
             raise ValueError(f"variant={self.variant} needs a plain-ViT encoder, arch={self.arch} is a TinyViT — "
                              "drop variant= or set variant=simmim")
         self.variant = TINY_VIT_VARIANT
-        if self.layer_decay != 1:
-            raise ValueError(f"layer_decay={self.layer_decay} scales plain-ViT blocks; arch={self.arch} is a TinyViT — "
-                             "set layer_decay=1")

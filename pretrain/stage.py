@@ -13,7 +13,6 @@ fine-tune at that size should load), ``out/encoder.safetensors`` (encoder keys a
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import torch
@@ -32,23 +31,10 @@ from samadapt.pretrain.preview import write_preview
 from samadapt.pretrain.simmim import SimMIMTinyViT
 from samadapt.stage_record import StageOutput, begin_stage, finish_stage
 from samadapt.stages import STAGES
-from samadapt.training import Trainer, make_accelerator, param_groups
+from samadapt.training import Trainer, layer_lr_scale, make_accelerator, param_groups
 
 PRETRAIN = STAGES["pretrain"]
 PREVIEW_IMAGES = 4
-
-
-def layer_lr_scale(depth: int, decay: float):
-    """lr multiplier per parameter name: encoder block i gets decay^(depth - i), the patch embedding
-    decay^(depth + 1), everything after the last block (neck, MAE decoder) 1."""
-    def scale(name: str) -> float:
-        match = re.search(r"encoder\.blocks\.(\d+)\.", name)
-        if match:
-            return decay ** (depth - int(match.group(1)))
-        if "patch_embed" in name or name.endswith("pos_embed"):
-            return decay ** (depth + 1)
-        return 1.0
-    return scale
 
 
 def build_dataset(config: PretrainConfig) -> SliceDataset:
@@ -124,8 +110,7 @@ def run(config: PretrainConfig) -> StageOutput:
     dataset = build_dataset(config)
     sam, mae = build_model(config)
     # Only the encoder and the MAE decoder learn; SAM's prompt encoder / mask decoder are exported as loaded.
-    depth = len(sam.image_encoder.blocks) if config.variant != TINY_VIT_VARIANT else 0  # TinyViT: layer_decay=1
-    groups = param_groups(mae, config.weight_decay, layer_lr_scale(depth, config.layer_decay))
+    groups = param_groups(mae, config.weight_decay, layer_lr_scale(mae, config.layer_decay))
     trainer = Trainer(accelerator, config, config.out)
     result = trainer.fit(mae, dataset, make_loss_fn(config), groups=groups, desc="pretrain",
                          after_step=preview_hook(config, dataset, accelerator))

@@ -88,6 +88,27 @@ class TrainKeys(SeedKeys, BatchKeys):
 
 
 @dataclass(kw_only=True)
+class LayerDecayKeys:
+    layer_decay: float = key(
+        1.0, "layer-wise lr decay for plain-ViT encoder blocks: block i of N trains at lr x layer_decay^(N-i) "
+        "(1.0 = none, 0.75 typical)", bounds="(0, 1]"
+    )
+
+
+def check_layer_decay(config: Any) -> None:
+    """``layer_decay`` scales numbered plain-ViT blocks (:func:`samadapt.training.layer_lr_scale`): refused for a
+    TinyViT, whose stages it does not know, and for a frozen encoder, which has no lr to scale."""
+    if config.layer_decay == 1:
+        return
+    if config.arch in TINY_VIT_ARCHS:
+        raise ValueError(f"layer_decay={config.layer_decay} scales plain-ViT blocks; arch={config.arch} is a TinyViT "
+                         "— set layer_decay=1")
+    if getattr(config, "encoder", None) == "frozen":
+        raise ValueError(f"layer_decay={config.layer_decay} scales the encoder's lr, but encoder=frozen trains none "
+                         "of it — set layer_decay=1 or train the encoder (encoder=lora, adapter or full)")
+
+
+@dataclass(kw_only=True)
 class AugmentKeys:
     augment: AugmentConfig = group(AugmentConfig, "2D augmentations (per batch on the device, or per slice with MONAI)")
 

@@ -16,6 +16,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -102,6 +103,33 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
 # Parameters named so are position tables or learned tokens (ViT pos_embed and rel_pos, TinyViT's per-head
 # attention_biases, mask tokens): 2-D or more, but pulling them towards zero erases position, not capacity.
 NO_DECAY_NAMES = ("pos_embed", "rel_pos", "attention_biases", "token")
+
+
+# A plain-ViT encoder block's index in a parameter name: SAM's blocks (peft-wrapped or not), the MAE encoder's,
+# or the bottleneck adapter attached to that block (adapters are numbered in block order).
+ENCODER_BLOCK = re.compile(r"(?:encoder\.blocks|adapters\.image_encoder)\.(\d+)\.")
+
+
+def layer_lr_scale(model: torch.nn.Module, decay: float) -> Callable[[str], float] | None:
+    """Layer-wise lr decay (BEiT/MAE fine-tuning) for a plain-ViT encoder: lr multiplier per parameter name.
+
+    Block i of ``depth`` gets decay^(depth - i), the patch embedding and position table decay^(depth + 1),
+    everything after the last block (neck, decoders, heads) 1. ``depth`` counts frozen blocks too, so LoRA on a
+    few blocks is scaled by where they sit. None when ``decay`` is 1. TinyViT names do not match: the configs
+    refuse ``layer_decay`` for it (:func:`samadapt.keys.check_layer_decay`)."""
+    if decay == 1:
+        return None
+    indices = [int(match.group(1)) for name, _ in model.named_parameters() if (match := ENCODER_BLOCK.search(name))]
+    depth = max(indices, default=-1) + 1
+
+    def scale(name: str) -> float:
+        match = ENCODER_BLOCK.search(name)
+        if match:
+            return decay ** (depth - int(match.group(1)))
+        if "patch_embed" in name or name.endswith("pos_embed"):
+            return decay ** (depth + 1)
+        return 1.0
+    return scale
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float, lr_scale: Callable[[str], float] | None = None):

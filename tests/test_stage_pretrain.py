@@ -177,11 +177,10 @@ def test_vit_b_pretrain_export_loads_in_stock_segment_anything(small_manifests, 
 def test_layer_wise_lr_decay_scales_each_encoder_block():
     from samadapt.models.registry import build_sam
     from samadapt.pretrain.mae import MaskedAutoencoderSAM
-    from samadapt.pretrain.stage import layer_lr_scale
-    from samadapt.training import param_groups
+    from samadapt.training import layer_lr_scale, param_groups
 
     mae = MaskedAutoencoderSAM(build_sam("vit_tiny").image_encoder)
-    groups = param_groups(mae, 0.05, layer_lr_scale(len(mae.encoder.blocks), 0.5))
+    groups = param_groups(mae, 0.05, layer_lr_scale(mae, 0.5))
     scale = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
     decay = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
     named = dict(mae.named_parameters())

@@ -11,6 +11,7 @@ import torch
 from peft import PeftModel
 from torch import nn
 
+from conftest import assert_one_line_error, run_cli
 from samadapt.errors import UserError
 from samadapt.keys import STRATEGIES, AdapterKeys, LoraKeys, StrategyKeys
 from samadapt.models import build_sam
@@ -290,3 +291,34 @@ def test_large_archs_get_lora_and_adapters_per_block(arch: str, depth: int) -> N
         SamSegmenter(build_sam(arch, IMAGE_SIZE), 2, "box"), "adapter", "frozen", LoraKeys(), AdapterKeys()
     )
     assert len(adapted.bottleneck_adapters.image_encoder) == depth
+
+
+@pytest.mark.parametrize("encoder", ["lora", "adapter", "full"])
+def test_layer_decay_scales_the_encoder_blocks_a_strategy_trains(encoder: str) -> None:
+    """Finetune's layer_decay: what trains in block i of 4 gets 0.5^(4-i) whatever wraps it (peft's
+    ``base_model.model.`` prefix, adapters numbered by block); the decoder learns at the full rate. LoRA on the
+    last two blocks only still counts all four (frozen blocks fix the depth)."""
+    from samadapt.training import layer_lr_scale, param_groups
+
+    model = apply_strategy(base_model(), encoder, "full", LoraKeys(blocks="last2"), AdapterKeys(bottleneck=8))
+    groups = param_groups(model, 0.05, layer_lr_scale(model, 0.5))
+    scale_of = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
+    scales = {name: scale_of[id(p)] for name, p in model.named_parameters() if p.requires_grad}
+    encoder_scales = {name: s for name, s in scales.items() if "image_encoder" in name}
+    block = re.compile(r"\.(\d+)\.")
+    in_blocks = {name: s for name, s in encoder_scales.items() if "blocks" in name or "adapters" in name}
+    assert in_blocks and all(s == 0.5 ** (4 - int(block.search(name).group(1))) for name, s in in_blocks.items())
+    assert (0.5 ** 4 in in_blocks.values()) == (encoder != "lora")  # LoRA sits on blocks 2 and 3 only
+    if encoder == "full":
+        assert scales["sam.image_encoder.patch_embed.proj.weight"] == 0.5 ** 5
+        assert scales["sam.image_encoder.pos_embed"] == 0.5 ** 5
+        assert scales["sam.image_encoder.neck.0.weight"] == 1.0
+    decoder = [s for name, s in scales.items() if "mask_decoder" in name]
+    assert decoder and set(decoder) == {1.0}
+    assert layer_lr_scale(model, 1.0) is None
+
+
+def test_layer_decay_is_refused_where_it_scales_nothing(tmp_path) -> None:
+    keys = ["data=x.jsonl", f"out={tmp_path}", "num_classes=2"]
+    for extra, fragment in ((["arch=vit_t"], "is a TinyViT"), (["encoder=frozen"], "encoder=frozen trains none")):
+        assert_one_line_error(run_cli("finetune", *keys, "layer_decay=0.75", *extra, expect=None), fragment)
