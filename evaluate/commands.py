@@ -18,7 +18,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--names", nargs="+", metavar="NAME", help="run names for the table (default: folder names)")
     parser.add_argument("--group", metavar="REGEX",
                         help="runs whose names are equal once the first match of REGEX is removed are replicates "
-                             "of one method (e.g. 'seed=\\d+'): mean ± std over them")
+                             "of one method (e.g. 'seed=\\d+'): mean ± std over them, and paired replicate by "
+                             "replicate (the match) against the reference's")
     parser.add_argument("--reference", metavar="NAME",
                         help="run (or group) the others are paired against (default: the first)")
     parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
@@ -28,12 +29,14 @@ def add_parser(subparsers) -> None:
 def _compare(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from samadapt.compare import compare_runs, default_names, groups_by_pattern
+    from samadapt.compare import compare_runs, default_names, groups_by_pattern, replicates_by_pattern
     from samadapt.errors import UserError
 
     if args.names and len(args.names) != len(args.eval_dirs):
         raise UserError(f"--names has {len(args.names)} names for {len(args.eval_dirs)} folders")
     names = args.names or default_names([Path(d) for d in args.eval_dirs])
     groups = groups_by_pattern(names, args.group) if args.group else None
-    print(compare_runs(args.eval_dirs, args.out, names=names, groups=groups, reference=args.reference))
+    replicates = replicates_by_pattern(names, args.group) if args.group else None
+    print(compare_runs(args.eval_dirs, args.out, names=names, groups=groups, reference=args.reference,
+                       replicates=replicates))
     return 0

@@ -9,8 +9,9 @@ Two forms::
       over: [seed, fold]                            # matrix axes whose cells are replicates (the default)
 
 Matrix cells that differ only in the ``over`` axes are one group (``evaluate_ssl/0`` and ``evaluate_ssl/1`` of
-``matrix: {seed: [0, 1]}`` are ``evaluate_ssl``): mean ± std over them, per-case values averaged over them
-(see :mod:`samadapt.compare`). A ``.json`` entry is a file path relative to the pipeline YAML's folder.
+``matrix: {seed: [0, 1]}`` are ``evaluate_ssl``): mean ± std over them, and each cell paired with the reference's
+cell of the same replicate (``seed=0`` with ``seed=0``; see :mod:`samadapt.compare`). A ``.json`` entry is a
+file path relative to the pipeline YAML's folder.
 """
 
 from __future__ import annotations
@@ -95,6 +96,9 @@ def compare_stages(spec: dict[str, Any], stages: list, root: Path, source: Path,
             raise UserError(f"{source}: compare.reference {reference!r} is {len(named)} groups "
                             f"({', '.join(sorted(named)) or 'none'}) — name one of {', '.join(dict.fromkeys(groups))}")
         reference = named.pop()
+    replicates = [",".join(f"{axis}={cell_id({axis: s.cell[axis]})}" for axis in over if axis in (s.cell or {}))
+                  or None for s in chosen]
     markdown = compare_runs([*(s.out for s in chosen), *(source.parent / f for f in files)], root / "compare",
-                            names=[*(s.name for s in chosen), *files], groups=[*groups, *files], reference=reference)
+                            names=[*(s.name for s in chosen), *files], groups=[*groups, *files], reference=reference,
+                            replicates=[*replicates, *(None for _ in files)])
     say(f"\n{markdown}\nwritten: {root / 'compare.md'} (+ _paired.csv, .csv, .png)")

@@ -9,10 +9,13 @@ counts but no HD95/NSD) named by an evaluate folder or the file itself. Runs tha
 - Per-case values of a group: a case's score averaged over the group's runs that have the case (seeds: every
   run; folds: the one fold that holds it), NaN-ignoring.
 - Paired against the reference group, case by case (matched by case id; a case the reference has and a group
-  lacks is an error naming it; a score NaN on either side leaves that pair out): the mean difference
+  lacks is an error naming it; a score NaN on either side leaves that pair out). When both groups hold the same
+  replicates (every run names one, e.g. ``seed=0``, as pipelines and ``--group`` do), a pair is one case in one
+  replicate — seed 0 against the reference's seed 0 — rather than the case's average over replicates, so three
+  seeds on one test case are three pairs, not one. Per pair: the mean difference
   (group − reference), its bootstrap 95 % CI (percentile method, :data:`BOOTSTRAP_RESAMPLES` resamples of the
-  cases, numpy generator seeded with :data:`BOOTSTRAP_SEED`) and the two-sided Wilcoxon signed-rank p
-  (``scipy.stats.wilcoxon``, zero differences dropped; no p when every difference is zero), and how many cases
+  pairs, numpy generator seeded with :data:`BOOTSTRAP_SEED`) and the two-sided Wilcoxon signed-rank p
+  (``scipy.stats.wilcoxon``, zero differences dropped; no p when every difference is zero), and how many pairs
   got better / worse / tied (for HD95 lower is better).
 
 Writes ``<prefix>.md`` (both tables and the empty-case rule), ``<prefix>.csv`` (means), ``<prefix>_paired.csv``
@@ -76,27 +79,31 @@ class Run:
     group: str
     source: Path
     summary: dict
+    replicate: str | None = None
 
 
 def compare_runs(sources: Sequence[str | Path], out_prefix: str | Path, names: Sequence[str] | None = None,
                  label_names: Mapping[int | str, str] | None = None, groups: Sequence[str] | None = None,
-                 reference: str | None = None) -> str:
+                 reference: str | None = None, replicates: Sequence[str | None] | None = None) -> str:
     """Compare evaluation runs (see the module docstring); returns the Markdown, also written to ``<prefix>.md``.
 
     sources: evaluate folders or summary.json files (samadapt's or nnU-Net's); names: one per source (default:
     the folder names); groups: one per source, runs with the same group are replicates (default: each run its
-    own group); reference: the group (or a run of it) the others are paired against (default: the first).
+    own group); reference: the group (or a run of it) the others are paired against (default: the first);
+    replicates: one per source, which replicate of its group a run is (``seed=1``; None: unknown).
     Runs scored with other empty-case rules are refused; NSD is shown at the tolerances every run has."""
     sources = [Path(s) for s in sources]
     names = list(names) if names is not None else default_names(sources)
     groups = list(groups) if groups is not None else names
-    if not len(names) == len(groups) == len(sources):
+    replicates = list(replicates) if replicates is not None else [None] * len(sources)
+    if not len(names) == len(groups) == len(sources) == len(replicates):
         raise UserError(f"compare: {len(names)} names and {len(groups)} groups for {len(sources)} evaluations — "
                         "give one name per folder")
     doubled = sorted({name for name in names if names.count(name) > 1})
     if doubled:
         raise UserError(f"compare: run name {doubled[0]!r} is given twice — name each run once (replicates: groups)")
-    runs = [Run(name, group, source, read_summary(source)) for name, group, source in zip(names, groups, sources)]
+    runs = [Run(name, group, source, read_summary(source), replicate)
+            for name, group, source, replicate in zip(names, groups, sources, replicates)]
     surface = [run for run in runs if run.summary.get("source") != NNUNET]
     tolerances = _common_tolerances(surface) if surface else DEFAULT_NSD_TOLERANCES_MM
     penalty = _common_penalty(surface) if surface else NNUNET
@@ -111,7 +118,8 @@ def compare_runs(sources: Sequence[str | Path], out_prefix: str | Path, names: S
     per_case = {group: group_cases(members[group], columns) for group in order}
     rows = [row for group in order for row in _mean_rows(group, members[group], labels, columns)]
     paired = [row for group in order if group != chosen
-              for row in _paired_rows(group, chosen, per_case, labels, columns)]
+              for row in _paired_rows(group, chosen, *_pairing_units(members[group], members[chosen], columns),
+                                      labels, columns)]
 
     notes = EMPTY_RULE_NOTES[penalty] + (f" {NNUNET_NOTE}" if surface and len(surface) < len(runs) else "")
     text = _markdown(rows, paired, chosen, columns, tolerances, label_names, notes)
@@ -170,6 +178,12 @@ def groups_by_pattern(names: Sequence[str], pattern: str) -> list[str]:
     return [regex.sub("", name, count=1).strip("/-_@.=") or name for name in names]
 
 
+def replicates_by_pattern(names: Sequence[str], pattern: str) -> list[str | None]:
+    """Each run's replicate under :func:`groups_by_pattern`: the text ``pattern`` matched (``seed=1``), or None."""
+    regex = re.compile(pattern)
+    return [match.group(0) if (match := regex.search(name)) else None for name in names]
+
+
 def _reference_group(reference: str | None, order: Sequence[str], runs: Sequence[Run]) -> str:
     if reference is None:
         return order[0]
@@ -212,9 +226,19 @@ def _class_counts(summary: Mapping[str, Any], label: str) -> list[int | None]:
     return [None if any(c[i] is None for c in each) else sum(c[i] for c in each) for i in range(len(CASE_COUNTS))]
 
 
-def _paired_rows(group: str, reference: str, per_case: Mapping[str, dict], labels: Sequence[str],
-                 columns: Mapping[str, str]) -> list[dict]:
-    ours, theirs = per_case[group], per_case[reference]
+def _pairing_units(ours: Sequence[Run], theirs: Sequence[Run], columns: Mapping[str, str]) -> tuple[dict, dict, bool]:
+    """Both groups' scores per pairing unit, and whether a unit is ``case @ replicate`` (both groups hold the
+    same replicates, each once) or a case averaged over the group's runs."""
+    names = [[run.replicate for run in group] for group in (ours, theirs)]
+    by_replicate = all(None not in n and len(set(n)) == len(n) for n in names) and set(names[0]) == set(names[1])
+    if not by_replicate:
+        return group_cases(ours, columns), group_cases(theirs, columns), False
+    return tuple({f"{case} @ {run.replicate}": scores for run in group
+                  for case, scores in group_cases([run], columns).items()} for group in (ours, theirs)) + (True,)
+
+
+def _paired_rows(group: str, reference: str, ours: Mapping[str, dict], theirs: Mapping[str, dict],
+                 by_replicate: bool, labels: Sequence[str], columns: Mapping[str, str]) -> list[dict]:
     missing = sorted(set(theirs) - set(ours))
     if missing:
         raise UserError(f"compare: {group} has no case {missing[0]!r} that the reference {reference} has"
@@ -231,6 +255,7 @@ def _paired_rows(group: str, reference: str, per_case: Mapping[str, dict], label
             d = np.array([a - b for a, b in pairs], dtype=np.float64)
             gain = -d if score == "HD95" else d  # > 0: this run is better than the reference
             rows.append({"run": group, "reference": reference, "label": label, "score": score, "pairs": len(pairs),
+                         "unit": "case @ replicate" if by_replicate else "case",
                          **paired_statistics(d), "better": int((gain > 0).sum()), "worse": int((gain < 0).sum()),
                          "tied": int((gain == 0).sum())})
     return rows
@@ -254,14 +279,16 @@ def _markdown(rows: Sequence[dict], paired: Sequence[dict], reference: str, colu
               + notes]
     if paired:
         lines += [
-            "", f"Paired per case against **{reference}** (run − reference; cases matched by id, a score undefined "
+            "", f"Paired against **{reference}** (run − reference; a pair is one case — `case @ replicate`: in the "
+            "same seed or fold of both, `case`: averaged over each group's runs — matched by id, a score undefined "
             f"in either run left out; {CI_LEVEL:.0%} CI: bootstrap, {BOOTSTRAP_RESAMPLES} resamples, seed "
-            f"{BOOTSTRAP_SEED}; p: two-sided Wilcoxon signed-rank; better/worse/tied: cases, HD95 lower is better):",
-            "", "| run | class | score | pairs | mean diff | 95 % CI | Wilcoxon p | better | worse | tied |",
-            "|" + "---|" * 10,
+            f"{BOOTSTRAP_SEED}; p: two-sided Wilcoxon signed-rank; better/worse/tied: pairs, HD95 lower is better):",
+            "",
+            "| run | class | score | paired by | pairs | mean diff | 95 % CI | Wilcoxon p | better | worse | tied |",
+            "|" + "---|" * 11,
         ]
         lines += [
-            f"| {row['run']} | {_class(row['label'], label_names)} | {row['score']} | {row['pairs']} | "
+            f"| {row['run']} | {_class(row['label'], label_names)} | {row['score']} | {row['unit']} | {row['pairs']} | "
             f"{_signed(row['mean'], row['score'])} | {_interval(row['ci_low'], row['ci_high'], row['score'])} | "
             f"{_p(row['p'])} | {row['better']} | {row['worse']} | {row['tied']} |"
             for row in paired
@@ -287,11 +314,12 @@ def _write_means_csv(path: Path, rows: Sequence[dict], columns: Mapping[str, str
 def _write_paired_csv(path: Path, rows: Sequence[dict], label_names: Mapping[str, str]) -> None:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["run", "reference", "label", "label_name", "score", "pairs", "mean_difference", "ci_low",
-                     "ci_high", "wilcoxon_p", "better", "worse", "tied"])
+    writer.writerow(["run", "reference", "label", "label_name", "score", "paired_by", "pairs", "mean_difference",
+                     "ci_low", "ci_high", "wilcoxon_p", "better", "worse", "tied"])
     for row in rows:
         writer.writerow([row["run"], row["reference"], row["label"], label_names.get(row["label"], ""),
-                         row["score"], row["pairs"], *(csv_cell(row[k]) for k in ("mean", "ci_low", "ci_high", "p")),
+                         row["score"], row["unit"], row["pairs"],
+                         *(csv_cell(row[k]) for k in ("mean", "ci_low", "ci_high", "p")),
                          row["better"], row["worse"], row["tied"]])
     write_text(path, buffer.getvalue())
 

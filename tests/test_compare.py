@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from matplotlib.image import imread
-from scipy.stats import bootstrap, rankdata
+from scipy.stats import bootstrap, rankdata, wilcoxon
 from test_report import CASES
 
 from conftest import assert_one_line_error, run_cli
@@ -103,7 +103,7 @@ def test_a_two_seed_by_two_run_matrix_gives_means_std_and_paired_statistics(tmp_
     hd95 = next(r for r in rows if r["score"] == "HD95")
     assert float(hd95["mean_difference"]) == pytest.approx(-10 * d.mean(), abs=1e-6)
     assert (hd95["better"], hd95["worse"]) == ("7", "1")  # lower HD95 is better
-    shown = next(line for line in lines if line.startswith("| evaluate_ssl | 1 | Dice | 8 |"))
+    shown = next(line for line in lines if line.startswith("| evaluate_ssl | 1 | Dice | case | 8 |"))
     assert f"| {d.mean():+.4f} | [{float(dice['ci_low']):+.4f}, {float(dice['ci_high']):+.4f}] |" in shown
     assert "Wilcoxon" in markdown and "bootstrap" in markdown
     means = list(csv.DictReader((tmp_path / "compare.csv").open()))
@@ -178,6 +178,7 @@ def test_an_nnunet_summary_is_a_row_of_its_own_through_the_cli(tmp_path):
     base = np.mean([DICE[("base", s)] for s in (0, 1)], axis=0)
     d = np.delete(np.array(DICE[("ssl", 0)]) - base, 2)  # the both-empty case has no Dice: left out
     assert paired["Dice"]["pairs"] == "7" and float(paired["Dice"]["mean_difference"]) == pytest.approx(d.mean())
+    assert paired["Dice"]["paired_by"] == "case"  # the nnU-Net row names no seed: case means of base's seeds
     assert paired["HD95"]["pairs"] == "0" and paired["HD95"]["wilcoxon_p"] == ""
     missing = run_cli("compare", dirs["evaluate_base/0"], tmp_path / "nope", expect=None)
     assert_one_line_error(missing, "nope", "no summary.json")
@@ -202,7 +203,7 @@ def test_compare_two_runs_writes_markdown_csv_and_chart(tmp_path):
         "| 1 | 1 | 1 | 1 |")
     assert "image diagonal" in lines[2 + 2 * 3 + 1]
     # paired on the one case both runs have: lora's case a equals full's case a
-    assert "| lora/evaluate | 1 (brain) | Dice | 1 | +0.0000 |" in markdown
+    assert "| lora/evaluate | 1 (brain) | Dice | case | 1 | +0.0000 |" in markdown
     rows = list(csv.DictReader((tmp_path / "compare.csv").open()))
     assert list(rows[0])[:8] == ["run", "runs", "eval_dirs", "label", "label_name", "cases", "dice", "dice_std"]
     assert [(row["run"], row["label"]) for row in rows] == [
@@ -299,4 +300,31 @@ def test_pipeline_compare_groups_matrix_cells_over_seeds_and_pairs_against_the_r
     compare_stages(spec, stages, tmp_path / "runs", tmp_path / "p.yaml", _cell_id, said.append)
     assert "| evaluate_ssl | 2 | 1 | 16 |" in said[0] and "against **evaluate_base**" in said[0]
     assert said[0].index("| evaluate_ssl | 2 |") < said[0].index("| evaluate_base | 2 |")  # in the order listed
-    assert "| evaluate_ssl | 1 | Dice | 8 |" in (tmp_path / "runs" / "compare.md").read_text(encoding="utf-8")
+    # the pipeline names each cell's replicate: seed 0 pairs with the reference's seed 0, 8 cases x 2 seeds
+    assert "| evaluate_ssl | 1 | Dice | case @ replicate | 16 |" in (tmp_path / "runs" / "compare.md").read_text(
+        encoding="utf-8")
+
+
+def test_replicates_pair_seed_by_seed_and_fall_back_to_case_means_when_they_differ(tmp_path):
+    dirs = matrix_dirs(tmp_path)
+    names = list(dirs)
+    groups = [name.split("/")[0] for name in names]
+    replicates = [f"seed={name.split('/')[1]}" for name in names]
+    compare_runs(list(dirs.values()), tmp_path / "by_seed", names=names, groups=groups, reference="evaluate_base",
+                 replicates=replicates)
+    d = np.concatenate([np.subtract(DICE[("ssl", s)], DICE[("base", s)]) for s in (0, 1)])
+    dice = next(r for r in csv.DictReader((tmp_path / "by_seed_paired.csv").open()) if r["score"] == "Dice")
+    assert (dice["paired_by"], dice["pairs"]) == ("case @ replicate", "16")
+    assert float(dice["mean_difference"]) == pytest.approx(d.mean(), abs=1e-6)
+    assert float(dice["wilcoxon_p"]) == pytest.approx(wilcoxon(d).pvalue, rel=1e-4)  # CSV: 6 digits
+    assert (dice["better"], dice["worse"], dice["tied"]) == (str((d > 1e-9).sum()), str((d < -1e-9).sum()), "0")
+    # the reference lacks seed=1: no seed-by-seed pairing, each case's mean over the seeds instead
+    compare_runs(list(dirs.values()), tmp_path / "mixed", names=names, groups=groups, reference="evaluate_base",
+                 replicates=[None if name == "evaluate_base/1" else r for name, r in zip(names, replicates)])
+    dice = next(r for r in csv.DictReader((tmp_path / "mixed_paired.csv").open()) if r["score"] == "Dice")
+    assert (dice["paired_by"], dice["pairs"]) == ("case", "8")
+    # through the CLI, --group's match is the replicate
+    run_cli("compare", *dirs.values(), "--names", "base@seed=0", "base@seed=1", "ssl@seed=0", "ssl@seed=1",
+            "--group", r"@seed=\d+", "--reference", "base", "--out", tmp_path / "cli")
+    dice = next(r for r in csv.DictReader((tmp_path / "cli_paired.csv").open()) if r["score"] == "Dice")
+    assert (dice["run"], dice["paired_by"], dice["pairs"]) == ("ssl", "case @ replicate", "16")
