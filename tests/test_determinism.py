@@ -75,3 +75,21 @@ def test_two_processes_match_one_within_tolerance(one_process, small_manifests, 
     split = evaluate(one_process, small_manifests, tmp_path / "ev_two", two_processes=True)
     whole = evaluate(one_process, small_manifests, tmp_path / "ev_one")
     assert split["foreground_mean"]["Dice"] == pytest.approx(whole["foreground_mean"]["Dice"], abs=1e-6)
+
+
+def test_pretraining_repeats_bit_for_bit(small_manifests, tiny_checkpoint, tmp_path):
+    """patch_drop's token gathers have a threaded CPU backward that sums in a run-dependent order unless
+    PyTorch's deterministic kernels are on (make_accelerator): then two runs agree to the last bit."""
+    runs = []
+    for name in ("first", "again"):
+        out = tmp_path / name
+        run_cli("pretrain", "arch=vit_tiny", "image_size=256", f"checkpoint={tiny_checkpoint}",
+                f"data={small_manifests['ssl']}", f"out={out}", "variant=patch_drop", "steps=40", "batch_size=8",
+                "lr=1e-3", "warmup_steps=0", "save_every=100", "log_every=1", "preview_every=100")
+        runs.append(out)
+    assert torch.are_deterministic_algorithms_enabled()
+    assert losses(runs[0]) == losses(runs[1])
+    with safe_open(str(runs[0] / "encoder.safetensors"), "pt") as first, \
+            safe_open(str(runs[1] / "encoder.safetensors"), "pt") as second:
+        for name in first.keys():
+            assert torch.equal(first.get_tensor(name), second.get_tensor(name)), name
