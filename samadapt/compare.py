@@ -118,7 +118,8 @@ def compare_runs(sources: Sequence[str | Path], out_prefix: str | Path, names: S
     per_case = {group: group_cases(members[group], columns) for group in order}
     rows = [row for group in order for row in _mean_rows(group, members[group], labels, columns)]
     paired = [row for group in order if group != chosen
-              for row in _paired_rows(group, chosen, *_pairing_units(members[group], members[chosen], columns),
+              for row in _paired_rows(group, chosen,
+                                      *_pairing_units(members[group], members[chosen], per_case, columns),
                                       labels, columns)]
 
     notes = EMPTY_RULE_NOTES[penalty] + (f" {NNUNET_NOTE}" if surface and len(surface) < len(runs) else "")
@@ -226,19 +227,22 @@ def _class_counts(summary: Mapping[str, Any], label: str) -> list[int | None]:
     return [None if any(c[i] is None for c in each) else sum(c[i] for c in each) for i in range(len(CASE_COUNTS))]
 
 
-def _pairing_units(ours: Sequence[Run], theirs: Sequence[Run], columns: Mapping[str, str]) -> tuple[dict, dict, bool]:
-    """Both groups' scores per pairing unit, and whether a unit is ``case @ replicate`` (both groups hold the
-    same replicates, each once) or a case averaged over the group's runs."""
+def _pairing_units(ours: Sequence[Run], theirs: Sequence[Run], per_case: Mapping[str, dict],
+                   columns: Mapping[str, str]) -> tuple[dict, dict, str]:
+    """Both groups' scores per pairing unit, and what a unit is: ``case @ replicate`` when both groups hold the
+    same replicates, each once; else ``case``, a case averaged over its group's runs (``per_case``)."""
     names = [[run.replicate for run in group] for group in (ours, theirs)]
-    by_replicate = all(None not in n and len(set(n)) == len(n) for n in names) and set(names[0]) == set(names[1])
-    if not by_replicate:
-        return group_cases(ours, columns), group_cases(theirs, columns), False
-    return tuple({f"{case} @ {run.replicate}": scores for run in group
-                  for case, scores in group_cases([run], columns).items()} for group in (ours, theirs)) + (True,)
+    if not (all(None not in n and len(set(n)) == len(n) for n in names) and set(names[0]) == set(names[1])):
+        return per_case[ours[0].group], per_case[theirs[0].group], "case"
+
+    def units(group: Sequence[Run]) -> dict:
+        return {f"{case} @ {run.replicate}": scores for run in group
+                for case, scores in group_cases([run], columns).items()}
+    return units(ours), units(theirs), "case @ replicate"
 
 
 def _paired_rows(group: str, reference: str, ours: Mapping[str, dict], theirs: Mapping[str, dict],
-                 by_replicate: bool, labels: Sequence[str], columns: Mapping[str, str]) -> list[dict]:
+                 paired_by: str, labels: Sequence[str], columns: Mapping[str, str]) -> list[dict]:
     missing = sorted(set(theirs) - set(ours))
     if missing:
         raise UserError(f"compare: {group} has no case {missing[0]!r} that the reference {reference} has"
@@ -255,7 +259,7 @@ def _paired_rows(group: str, reference: str, ours: Mapping[str, dict], theirs: M
             d = np.array([a - b for a, b in pairs], dtype=np.float64)
             gain = -d if score == "HD95" else d  # > 0: this run is better than the reference
             rows.append({"run": group, "reference": reference, "label": label, "score": score, "pairs": len(pairs),
-                         "unit": "case @ replicate" if by_replicate else "case",
+                         "paired_by": paired_by,
                          **paired_statistics(d), "better": int((gain > 0).sum()), "worse": int((gain < 0).sum()),
                          "tied": int((gain == 0).sum())})
     return rows
@@ -288,7 +292,8 @@ def _markdown(rows: Sequence[dict], paired: Sequence[dict], reference: str, colu
             "|" + "---|" * 11,
         ]
         lines += [
-            f"| {row['run']} | {_class(row['label'], label_names)} | {row['score']} | {row['unit']} | {row['pairs']} | "
+            f"| {row['run']} | {_class(row['label'], label_names)} | {row['score']} | {row['paired_by']} | "
+            f"{row['pairs']} | "
             f"{_signed(row['mean'], row['score'])} | {_interval(row['ci_low'], row['ci_high'], row['score'])} | "
             f"{_p(row['p'])} | {row['better']} | {row['worse']} | {row['tied']} |"
             for row in paired
@@ -318,7 +323,7 @@ def _write_paired_csv(path: Path, rows: Sequence[dict], label_names: Mapping[str
                      "ci_low", "ci_high", "wilcoxon_p", "better", "worse", "tied"])
     for row in rows:
         writer.writerow([row["run"], row["reference"], row["label"], label_names.get(row["label"], ""),
-                         row["score"], row["unit"], row["pairs"],
+                         row["score"], row["paired_by"], row["pairs"],
                          *(csv_cell(row[k]) for k in ("mean", "ci_low", "ci_high", "p")),
                          row["better"], row["worse"], row["tied"]])
     write_text(path, buffer.getvalue())
